@@ -1,0 +1,2 @@
+//! The `mmserve` binary (being written).
+fn main() {}
