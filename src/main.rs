@@ -1,2 +1,159 @@
-//! The `mmserve` binary (being written).
-fn main() {}
+//! The `mmserve` binary: command-line flags, logging, start-up, and the HTTP
+//! server with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mmserve::api::{router, AppState};
+use mmserve::config::{Config, Dtype};
+
+/// An OpenAI-compatible inference server for vision-language models.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a model over the OpenAI HTTP API (the default command).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct ServeArgs {
+    /// A TOML config file; keys it leaves out keep the defaults of config/mmserve.toml.
+    #[arg(long, env = "MMSERVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json, ...).
+    #[arg(long, env = "MMSERVE_MODEL")]
+    model: Option<PathBuf>,
+    /// The model name clients send in `model` (default: the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on (default 127.0.0.1; 0.0.0.0 in containers).
+    #[arg(long, env = "MMSERVE_HOST")]
+    host: Option<String>,
+    /// Port to listen on (default 8000).
+    #[arg(long, env = "MMSERVE_PORT")]
+    port: Option<u16>,
+    /// Compute dtype (default f32; bf16 is slow on CPUs without bf16 matmul).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+    /// Most sequences decoded together in one engine step.
+    #[arg(long)]
+    max_num_seqs: Option<usize>,
+    /// Most tokens in one forward pass.
+    #[arg(long)]
+    max_batched_tokens: Option<usize>,
+}
+
+impl ServeArgs {
+    /// Flags override the config file.
+    fn config(&self) -> Result<Config> {
+        let mut cfg = Config::load(self.config.as_deref())?;
+        if let Some(m) = &self.model {
+            cfg.model.path = m.clone();
+        }
+        if let Some(n) = &self.served_model_name {
+            cfg.model.name = n.clone();
+        }
+        if let Some(h) = &self.host {
+            cfg.server.host = h.clone();
+        }
+        if let Some(p) = self.port {
+            cfg.server.port = p;
+        }
+        if let Some(d) = self.dtype {
+            cfg.model.dtype = d;
+        }
+        if let Some(n) = self.max_num_seqs {
+            cfg.engine.max_num_seqs = n;
+        }
+        if let Some(n) = self.max_batched_tokens {
+            cfg.engine.max_batched_tokens = n;
+        }
+        cfg.check()?;
+        if cfg.model.path.as_os_str().is_empty() {
+            anyhow::bail!(
+                "no model given: pass --model DIR (a local Hugging Face model directory)"
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(a)) => a,
+        None => ServeArgs::default(),
+    };
+    let cfg = args.config()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> Result<()> {
+    let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
+        .parse()
+        .with_context(|| format!("invalid address {}:{}", cfg.server.host, cfg.server.port))?;
+    let state = Arc::new(AppState::new(cfg.served_name(), cfg.server.max_body_bytes));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, model = %cfg.model.path.display(), "listening; loading the model");
+
+    // Load off the runtime; /health answers 503 meanwhile.
+    let loader_state = Arc::clone(&state);
+    let loading = tokio::task::spawn_blocking(move || -> Result<()> {
+        let (serving, _engine_thread) = mmserve::startup::load(&cfg)?;
+        let _ = loader_state.serving.set(serving);
+        tracing::info!("model loaded; ready");
+        Ok(())
+    });
+    let app = router(state);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    // A model that cannot load stops the process with the reason.
+    loading.await.context("model loading panicked")??;
+    server
+        .await
+        .context("server task failed")?
+        .context("server error")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,21 @@
+# mmserve container: build in the Rust image, run in slim Debian as non-root.
+# Models are mounted at /models: docker run -v /path/to/model:/models/model ...
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY config ./config
+RUN cargo build --release --locked --bin mmserve
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 mmserve
+COPY --from=build /src/target/release/mmserve /usr/local/bin/mmserve
+COPY config/mmserve.toml /etc/mmserve/mmserve.toml
+USER mmserve
+ENV MMSERVE_HOST=0.0.0.0 MMSERVE_PORT=8000 MMSERVE_MODEL=/models/model MMSERVE_CONFIG=/etc/mmserve/mmserve.toml
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD curl -sf http://127.0.0.1:8000/health || exit 1
+ENTRYPOINT ["mmserve", "serve"]

@@ -1,0 +1,143 @@
+//! `POST /v1/chat/completions`: validate, submit one engine request per choice,
+//! answer with one JSON body or an SSE stream.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::{stream, unix_now, AppState, Serving};
+use crate::engine::{EngineRequest, Event, TokenLogprobs};
+use crate::openai::request::ChatCompletionRequest;
+use crate::openai::response::{
+    AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, TokenLogprob, TopLogprob, Usage,
+};
+use crate::text::TokenTable;
+use crate::validate::ValidChatRequest;
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    state.check_model(&req.model)?;
+    let serving = state.serving()?;
+    let validator = Arc::clone(&serving.validator);
+    let valid = tokio::task::spawn_blocking(move || validator.validate_chat(&req))
+        .await
+        .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
+    let receivers = submit(serving, &valid)?;
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: state.model_name.clone(),
+        logprobs: valid.choices.first().is_some_and(|c| c.logprobs),
+    };
+    let tokens = Arc::clone(&serving.tokens);
+    if valid.stream {
+        return Ok(stream::sse(meta, receivers, tokens, valid.include_usage).into_response());
+    }
+    Ok(Json(collect(meta, receivers, &tokens).await?).into_response())
+}
+
+/// Fields every response and chunk repeats.
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// Whether the client asked for logprobs.
+    pub logprobs: bool,
+}
+
+fn submit(
+    serving: &Serving,
+    valid: &ValidChatRequest,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let mut receivers = Vec::with_capacity(valid.choices.len());
+    for sampling in &valid.choices {
+        let (tx, rx) = unbounded_channel();
+        serving.engine.submit(EngineRequest {
+            prompt_ids: valid.prompt_ids.clone(),
+            images: valid.images.clone(),
+            sampling: sampling.clone(),
+            max_tokens: valid.max_tokens,
+            stop: valid.stop.clone(),
+            events: tx,
+        })?;
+        receivers.push(rx);
+    }
+    Ok(receivers)
+}
+
+/// Waits for every choice to finish and builds the JSON body.
+async fn collect(
+    meta: ResponseMeta,
+    receivers: Vec<UnboundedReceiver<Event>>,
+    tokens: &TokenTable,
+) -> Result<ChatCompletion, ApiError> {
+    let mut choices = Vec::with_capacity(receivers.len());
+    let mut usage = Usage::default();
+    for (index, mut rx) in receivers.into_iter().enumerate() {
+        let mut content = String::new();
+        let mut logprobs = Vec::new();
+        let finish_reason = loop {
+            match rx.recv().await {
+                Some(Event::Token { text, logprobs: lp }) => {
+                    content.push_str(&text);
+                    logprobs.extend(lp.map(|l| to_openai_logprob(&l, tokens)));
+                }
+                Some(Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    usage = Usage::new(prompt_tokens, usage.completion_tokens + completion_tokens);
+                    break reason;
+                }
+                Some(Event::Failed(e)) => return Err(e.into()),
+                None => return Err(crate::engine::EngineError::Stopped.into()),
+            }
+        };
+        choices.push(Choice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content,
+            },
+            logprobs: meta
+                .logprobs
+                .then_some(ChoiceLogprobs { content: logprobs }),
+            finish_reason: finish_reason.as_str(),
+        });
+    }
+    Ok(ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        choices,
+        usage,
+    })
+}
+
+/// One token's logprobs in OpenAI's shape, bytes taken from the token itself.
+pub fn to_openai_logprob(l: &TokenLogprobs, tokens: &TokenTable) -> TokenLogprob {
+    TokenLogprob {
+        token: tokens.token_string(l.token),
+        logprob: l.logprob,
+        bytes: tokens.bytes(l.token).to_vec(),
+        top_logprobs: Some(
+            l.top
+                .iter()
+                .map(|&(id, logprob)| TopLogprob {
+                    token: tokens.token_string(id),
+                    logprob,
+                    bytes: tokens.bytes(id).to_vec(),
+                })
+                .collect(),
+        ),
+    }
+}

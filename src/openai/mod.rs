@@ -1,0 +1,5 @@
+//! OpenAI wire types, shared by `api` (which speaks HTTP) and `validate` (which
+//! checks requests). Plain serde data, no behaviour beyond tiny helpers.
+
+pub mod request;
+pub mod response;

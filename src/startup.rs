@@ -1,0 +1,153 @@
+//! Start-up: loads a model directory into a running engine and a validator.
+//! The only library module allowed `anyhow`: failures here stop the process
+//! with a message that names the file at fault.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::api::Serving;
+use crate::config::Config;
+use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
+use crate::model::LlavaModel;
+use crate::preprocess::ImageProcessor;
+use crate::prompt::ChatTemplate;
+use crate::text::TokenTable;
+use crate::validate::params::SamplingDefaults;
+use crate::validate::{ValidationLimits, Validator};
+
+/// Loads everything and starts the engine thread.
+pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
+    let dir = cfg.model.path.as_path();
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "{} is not a Hugging Face model directory: {} is missing",
+            dir.display(),
+            dir.join("config.json").display()
+        );
+    }
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+    let tokenizer = Arc::new(tokenizer);
+    let template = ChatTemplate::from_model_dir(dir)?;
+    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    let model = LlavaModel::load(dir, cfg.model.dtype.candle(), &Device::Cpu)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+
+    let image_token_id = model.image_token_id();
+    let image_token = tokenizer.id_to_token(image_token_id).with_context(|| {
+        format!(
+            "the image token id {image_token_id} is not in {}",
+            tok_path.display()
+        )
+    })?;
+    let special = SpecialTokens::read(dir)?;
+    let eos_token_ids = eos_ids(dir, &tokenizer, special.eos.as_deref())?;
+    let sampling_defaults = read_json(&dir.join("generation_config.json"))?
+        .map(|g| SamplingDefaults::from_generation_config(&g))
+        .unwrap_or_default();
+    let validator = Validator {
+        tokenizer: Arc::clone(&tokenizer),
+        template,
+        processor,
+        image_token,
+        image_token_id,
+        bos_token: special.bos,
+        tokens_per_image: model.tokens_per_image(),
+        max_context: model.max_context(),
+        limits: ValidationLimits {
+            max_images_per_request: cfg.limits.max_images_per_request,
+            max_n: cfg.limits.max_n,
+            default_max_tokens: cfg.engine.default_max_tokens,
+        },
+        sampling_defaults,
+    };
+    let tokens = Arc::new(TokenTable::new(&tokenizer));
+    let core = EngineCore::new(EngineParts {
+        model,
+        tokenizer,
+        eos_token_ids,
+        scheduler: SchedulerConfig {
+            max_num_seqs: cfg.engine.max_num_seqs,
+            max_batched_tokens: cfg.engine.max_batched_tokens,
+        },
+    });
+    let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
+    let serving = Serving {
+        validator: Arc::new(validator),
+        engine,
+        tokens,
+    };
+    Ok((serving, join))
+}
+
+/// BOS and EOS strings from `tokenizer_config.json` (absent file: none).
+struct SpecialTokens {
+    bos: Option<String>,
+    eos: Option<String>,
+}
+
+impl SpecialTokens {
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        let Some(json) = read_json(&path)? else {
+            return Ok(SpecialTokens {
+                bos: None,
+                eos: None,
+            });
+        };
+        Ok(SpecialTokens {
+            bos: token_field(&json["bos_token"]),
+            eos: token_field(&json["eos_token"]),
+        })
+    }
+}
+
+/// A token given as a string or as an AddedToken dict `{"content": ...}`.
+fn token_field(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .or_else(|| v["content"].as_str())
+        .map(str::to_string)
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v = serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    Ok(Some(v))
+}
+
+/// End-of-sequence ids: `generation_config.json`'s `eos_token_id` (an id or a
+/// list), `config.json`'s, and the tokenizer's EOS token, as vLLM combines them.
+fn eos_ids(dir: &Path, tok: &Tokenizer, eos_token: Option<&str>) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        if let Some(json) = read_json(&dir.join(file))? {
+            let v = &json["eos_token_id"];
+            let v = if v.is_null() {
+                &json["text_config"]["eos_token_id"]
+            } else {
+                v
+            };
+            match v {
+                serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
+                serde_json::Value::Array(a) => {
+                    ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                }
+                _ => {}
+            }
+        }
+    }
+    ids.extend(eos_token.and_then(|t| tok.token_to_id(t)));
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}

@@ -1,0 +1,184 @@
+//! Turns OpenAI chat messages into template messages, decoding and
+//! preprocessing each image on the way (this runs on a blocking thread).
+
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+use candle_core::Tensor;
+
+use super::ValidationError;
+use crate::openai::request::{ChatMessage, ContentPart, MessageContent};
+use crate::preprocess::{decode_image, ImageProcessor};
+use crate::prompt::{ContentPart as Part, PromptMessage};
+
+/// Base64 as browsers and SDKs write it, padded or not.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Image media types accepted in `data:` URLs.
+const IMAGE_TYPES: [&str; 5] = ["png", "jpeg", "jpg", "webp", "gif"];
+
+/// What the prompt needs from the request's messages.
+pub struct Converted {
+    pub messages: Vec<PromptMessage>,
+    /// Preprocessed images in prompt order, each (3, H, W).
+    pub images: Vec<Tensor>,
+}
+
+/// Checks roles, refuses text that spells the image placeholder, and decodes
+/// every image.
+pub fn convert(
+    messages: &[ChatMessage],
+    image_token: &str,
+    processor: &ImageProcessor,
+    max_images: usize,
+) -> Result<Converted, ValidationError> {
+    if messages.is_empty() {
+        return Err(ValidationError::invalid(
+            "messages",
+            "`messages` must contain at least one message".into(),
+        ));
+    }
+    let mut out = Converted {
+        messages: Vec::with_capacity(messages.len()),
+        images: Vec::new(),
+    };
+    for (i, msg) in messages.iter().enumerate() {
+        let role = role(&msg.role, i)?;
+        let parts = match &msg.content {
+            None => Vec::new(),
+            Some(MessageContent::Text(t)) => {
+                check_text(t, image_token, format!("messages[{i}].content"))?;
+                vec![Part::Text(t.clone())]
+            }
+            Some(MessageContent::Parts(parts)) => {
+                let mut v = Vec::with_capacity(parts.len());
+                for (j, part) in parts.iter().enumerate() {
+                    v.push(convert_part(
+                        part,
+                        i,
+                        j,
+                        image_token,
+                        processor,
+                        &mut out.images,
+                    )?);
+                    if out.images.len() > max_images {
+                        return Err(ValidationError::Invalid {
+                            message: format!("at most {max_images} images are allowed per request"),
+                            param: Some(format!("messages[{i}].content[{j}]")),
+                            code: "too_many_images",
+                        });
+                    }
+                }
+                v
+            }
+        };
+        out.messages.push(PromptMessage {
+            role,
+            content: parts,
+        });
+    }
+    Ok(out)
+}
+
+fn role(role: &str, i: usize) -> Result<String, ValidationError> {
+    match role {
+        "system" | "user" | "assistant" => Ok(role.to_string()),
+        // OpenAI's newer name for the system role.
+        "developer" => Ok("system".to_string()),
+        other => Err(ValidationError::invalid(
+            &format!("messages[{i}].role"),
+            format!("unsupported role `{other}`: use system, developer, user or assistant"),
+        )),
+    }
+}
+
+fn convert_part(
+    part: &ContentPart,
+    i: usize,
+    j: usize,
+    image_token: &str,
+    processor: &ImageProcessor,
+    images: &mut Vec<Tensor>,
+) -> Result<Part, ValidationError> {
+    match part {
+        ContentPart::Text { text } => {
+            check_text(
+                text,
+                image_token,
+                format!("messages[{i}].content[{j}].text"),
+            )?;
+            Ok(Part::Text(text.clone()))
+        }
+        ContentPart::ImageUrl { image_url } => {
+            let param = format!("messages[{i}].content[{j}].image_url");
+            images.push(load_image(&image_url.url, processor, &param)?);
+            Ok(Part::Image)
+        }
+    }
+}
+
+/// A user who types the placeholder must not be able to forge an image slot.
+fn check_text(text: &str, image_token: &str, param: String) -> Result<(), ValidationError> {
+    if !image_token.is_empty() && text.contains(image_token) {
+        return Err(ValidationError::Invalid {
+            message: format!(
+                "text must not contain the image placeholder `{image_token}`; send images as \
+                 `image_url` content parts"
+            ),
+            param: Some(param),
+            code: "invalid_prompt",
+        });
+    }
+    Ok(())
+}
+
+fn bad_image(param: &str, message: String) -> ValidationError {
+    ValidationError::Invalid {
+        message,
+        param: Some(param.to_string()),
+        code: "invalid_image",
+    }
+}
+
+/// Decodes a `data:image/...;base64,` URL and preprocesses the image: (3, H, W).
+fn load_image(
+    url: &str,
+    processor: &ImageProcessor,
+    param: &str,
+) -> Result<Tensor, ValidationError> {
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(ValidationError::Invalid {
+            message: "only `data:image/...;base64,` image URLs are supported; remote URLs are \
+                      not fetched"
+                .into(),
+            param: Some(param.to_string()),
+            code: "invalid_image_url",
+        });
+    };
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or_else(|| bad_image(param, "malformed data URL: no `,`".into()))?;
+    let media = meta
+        .strip_suffix(";base64")
+        .ok_or_else(|| bad_image(param, "the data URL must be base64-encoded".into()))?;
+    let subtype = media.strip_prefix("image/").unwrap_or("");
+    if !IMAGE_TYPES.contains(&subtype) {
+        return Err(bad_image(
+            param,
+            format!("unsupported image type `{media}`: use png, jpeg, webp or gif"),
+        ));
+    }
+    let bytes = BASE64
+        .decode(data.trim())
+        .map_err(|e| bad_image(param, format!("invalid base64 image data: {e}")))?;
+    let img = decode_image(&bytes).map_err(|e| bad_image(param, format!("invalid image: {e}")))?;
+    processor.preprocess(&img).map_err(|e| {
+        if e.is_client_error() {
+            bad_image(param, format!("invalid image: {e}"))
+        } else {
+            ValidationError::Internal(format!("image preprocessing failed: {e}"))
+        }
+    })
+}

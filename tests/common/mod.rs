@@ -1,0 +1,184 @@
+//! Shared test harness: an in-process mmserve on a loopback port, serving a
+//! tiny fixture model, plus the reference cases recorded by
+//! `scripts/make_fixtures.py`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use base64::Engine as _;
+use mmserve::api::{router, AppState};
+use mmserve::config::Config;
+use serde_json::Value;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+/// A config serving the fixture model `name` with small limits.
+pub fn config(name: &str) -> Config {
+    let mut cfg = Config::load(None).expect("default config");
+    cfg.model.path = model_dir(name);
+    cfg.model.name = name.to_string();
+    cfg.engine.max_num_seqs = 16;
+    cfg
+}
+
+/// Starts a server for `cfg` on its own thread and runtime (it outlives any one
+/// test's runtime) and returns its base URL.
+pub fn start(cfg: Config) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let state = Arc::new(AppState::new(cfg.served_name(), cfg.server.max_body_bytes));
+            let (serving, _join) = mmserve::startup::load(&cfg).expect("model loads");
+            assert!(state.serving.set(serving).is_ok());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tx.send(format!("http://{addr}")).expect("send url");
+            axum::serve(listener, router(state)).await.expect("serve");
+        });
+    });
+    rx.recv().expect("server started")
+}
+
+/// One server per fixture model per test binary.
+pub fn server(name: &'static str) -> &'static str {
+    static CLIP: OnceLock<String> = OnceLock::new();
+    static SIGLIP: OnceLock<String> = OnceLock::new();
+    let cell = match name {
+        "llava-clip-llama" => &CLIP,
+        "llava-siglip-qwen2" => &SIGLIP,
+        other => panic!("unknown fixture model {other}"),
+    };
+    cell.get_or_init(|| start(config(name)))
+}
+
+pub fn data_url(file: &str) -> String {
+    let path = fixtures().join("images").join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let ext = file.rsplit('.').next().unwrap_or("png");
+    let mime = if ext == "jpg" { "jpeg" } else { ext };
+    format!(
+        "data:image/{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// Replaces `fixture:NAME` image URLs with data URLs of the fixture images.
+pub fn resolve_images(v: &mut Value) {
+    match v {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("fixture:") {
+                *s = data_url(name);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(resolve_images),
+        Value::Object(o) => o.values_mut().for_each(resolve_images),
+        _ => {}
+    }
+}
+
+/// The reference cases of a fixture model.
+pub fn reference(name: &str) -> Value {
+    let path = fixtures().join("reference").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference json")
+}
+
+pub fn cases(name: &str) -> Vec<Value> {
+    reference(name)["cases"].as_array().expect("cases").clone()
+}
+
+/// A case's messages, with data URLs.
+pub fn messages(case: &Value) -> Value {
+    let mut m = case["messages"].clone();
+    resolve_images(&mut m);
+    m
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id list")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// POSTs a chat request; returns status and JSON body.
+pub async fn chat(base: &str, body: &Value) -> (u16, Value) {
+    let resp = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, json)
+}
+
+/// POSTs a streaming chat request; returns the parsed `data:` payloads
+/// (`[DONE]` as the JSON string "[DONE]").
+pub async fn chat_stream(base: &str, body: &Value) -> Vec<Value> {
+    let resp = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ctype = resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+    let text = resp.text().await.expect("body");
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let data = e
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"));
+            if data == "[DONE]" {
+                Value::String("[DONE]".into())
+            } else {
+                serde_json::from_str(data).expect("chunk json")
+            }
+        })
+        .collect()
+}
+
+/// The assistant text of a non-streamed answer's first choice.
+pub fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
+/// Concatenated streamed text of choice `index`.
+pub fn streamed_text(events: &[Value], index: u64) -> String {
+    events
+        .iter()
+        .filter(|e| e.is_object() && !e["choices"].as_array().map_or(true, |c| c.is_empty()))
+        .filter(|e| e["choices"][0]["index"] == index)
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}

@@ -1,0 +1,63 @@
+//! Validation against transformers: for every reference case, the prompt ids
+//! (template, tokenization, image-token expansion) are exactly the processor's,
+//! and the preprocessed images match its `pixel_values`.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use mmserve::openai::request::ChatCompletionRequest;
+
+const MODELS: [&str; 2] = ["llava-clip-llama", "llava-siglip-qwen2"];
+
+/// PIL's resampling is reproduced bit-exactly on uint8, so what remains is
+/// float rounding of rescale and normalize: 1e-5 covers f32 ulp at |x| <= 3
+/// with margin. A one-level uint8 difference would show up as ~0.015.
+const PIXEL_TOLERANCE: f32 = 1e-5;
+
+fn request(case: &serde_json::Value, model: &str) -> ChatCompletionRequest {
+    let body = serde_json::json!({"model": model, "messages": common::messages(case)});
+    serde_json::from_value(body).expect("request parses")
+}
+
+#[test]
+fn prompt_ids_and_pixels_match_the_processor() {
+    for model in MODELS {
+        let (serving, _engine) = mmserve::startup::load(&common::config(model)).expect("load");
+        let tensors = candle_core::safetensors::load(
+            common::fixtures().join(format!("reference/{model}.safetensors")),
+            &Device::Cpu,
+        )
+        .expect("reference tensors");
+        for case in common::cases(model) {
+            let name = case["name"].as_str().expect("name");
+            let valid = serving
+                .validator
+                .validate_chat(&request(&case, model))
+                .unwrap_or_else(|e| panic!("{model}/{name}: {e}"));
+            assert_eq!(
+                valid.prompt_ids,
+                common::ids(&case["prompt_ids"]),
+                "{model}/{name}: prompt ids"
+            );
+            let Some(expected) = tensors.get(&format!("{name}.pixel_values")) else {
+                assert!(
+                    valid.images.is_empty(),
+                    "{model}/{name}: images without reference"
+                );
+                continue;
+            };
+            let got = Tensor::stack(&valid.images, 0).expect("stack");
+            assert_eq!(got.dims(), expected.dims(), "{model}/{name}: pixel shape");
+            let diff = (got - expected)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.flatten_all())
+                .and_then(|d| d.max(0))
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert!(
+                diff <= PIXEL_TOLERANCE,
+                "{model}/{name}: pixel max diff {diff}"
+            );
+        }
+    }
+}
