@@ -194,7 +194,14 @@ fn mistral_sliding_window_and_config_options() {
         ),
         (24, Some(5), true)
     );
-    assert_eq!((model.tokens_per_image(), model.image_size()), (17, 32));
+    assert_eq!(
+        (
+            model.tokens_per_image(),
+            model.image_size(),
+            model.max_context()
+        ),
+        (17, 32, 128)
+    );
     let r = reference_in(&dir, "llava-clip-mistral");
     for case in &r.cases {
         let images = image_rows(&model, &r, case);
@@ -323,7 +330,8 @@ fn run_batched(model: &LlavaModel, running: &mut [Running]) {
             s.tokens.push(argmax(&l)[0]);
             s.logits.push(l);
             if s.done() {
-                assert!(cache.remove(p.index as u64));
+                assert!(cache.contains(p.index as u64));
+                cache.remove(p.index as u64);
             }
         }
     }

@@ -107,6 +107,12 @@ impl LlavaModel {
         self.config.vision.image_size
     }
 
+    /// Longest sequence (prompt + generated) the decoder was configured for
+    /// (`max_position_embeddings`); positions past it are not refused here.
+    pub fn max_context(&self) -> usize {
+        self.config.text.max_position_embeddings
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
