@@ -1,1 +1,39 @@
-//! (being written)
+//! LLaVA-family model code on candle, numerically matching transformers, batched for the engine.
+//!
+//! The engine thread owns one [`LlavaModel`] (immutable) and one [`KvCache`], and calls
+//! [`LlavaModel::forward`] once per step with every running sequence: prefill chunks and decode
+//! tokens are flattened into one (T, D) activation so each projection runs once per step;
+//! rotary, attention and the cache are per sequence. Images go through
+//! [`LlavaModel::encode_images`] first; their rows ride along in [`SeqInput::image_embeds`].
+//!
+//! Supported: `model_type: "llava"` with a CLIP or SigLIP vision tower and a Llama, Qwen2 or
+//! Mistral decoder, in both the transformers 5.x and the 4.x hub tensor layouts.
+//!
+//! Files: `config` / `text_config` / `rope` / `json` (parsing), `weights` (files and layouts),
+//! `vision`, `decoder`, `attention`, `norm`, `activation` (layers), `kv_cache`, `batch` (step
+//! input), `llava` (the model), `error`.
+
+mod activation;
+mod attention;
+mod batch;
+mod config;
+mod decoder;
+mod error;
+mod json;
+mod kv_cache;
+mod llava;
+mod norm;
+mod rope;
+mod text_config;
+mod vision;
+mod weights;
+
+pub use activation::Activation;
+pub use batch::SeqInput;
+pub use config::{FeatureSelect, LlavaConfig, VisionConfig, VisionKind};
+pub use error::ModelError;
+pub use kv_cache::KvCache;
+pub use llava::LlavaModel;
+pub use rope::{RopeConfig, RopeScaling};
+pub use text_config::{TextConfig, TextKind};
+pub use weights::safetensors_files;

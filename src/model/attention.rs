@@ -1,0 +1,190 @@
+//! Decoder self-attention over a flattened batch: q/k/v/o projections run once over every
+//! token of the step; rotary, cache append and the causal (optionally sliding-window) softmax
+//! run per sequence, so a sequence's result does not depend on its batch neighbours.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::rotary_emb::rope_thd;
+use candle_nn::{linear_b, Linear, VarBuilder};
+
+use super::kv_cache::KvCache;
+use super::text_config::TextConfig;
+
+/// One sequence's slice of a flattened step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub seq_id: u64,
+    /// First row of this sequence in the flattened (T, D) activations.
+    pub offset: usize,
+    /// New tokens this step.
+    pub len: usize,
+    /// Position of the first new token (= cached length before the step).
+    pub start_pos: usize,
+}
+
+/// Softmax over the last axis in f32 (as transformers does), returned in the input dtype.
+/// `mask`, when given, is added before the softmax (broadcast; `-inf` hides a key).
+pub(crate) fn softmax_f32(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let s = scores.to_dtype(DType::F32)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    candle_nn::ops::softmax_last_dim(&s)?.to_dtype(scores.dtype())
+}
+
+/// Additive mask (t, keys) for queries at `start..start + t` over keys at `first..start + t`:
+/// causal, and limited to the last `window` positions when set. `None` when nothing is hidden.
+pub(crate) fn causal_mask(
+    t: usize,
+    start: usize,
+    first: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let keys = start + t - first;
+    let visible = |i: usize, j: usize| {
+        let (q_pos, k_pos) = (start + i, first + j);
+        k_pos <= q_pos && window.is_none_or(|w| q_pos < k_pos + w)
+    };
+    let values: Vec<f32> = (0..t)
+        .flat_map(|i| (0..keys).map(move |j| (i, j)))
+        .map(|(i, j)| {
+            if visible(i, j) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    if values.iter().all(|&v| v == 0.0) {
+        return Ok(None);
+    }
+    Tensor::from_vec(values, (t, keys), device).map(Some)
+}
+
+#[derive(Debug)]
+pub struct SelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Sliding window of this layer, if any.
+    window: Option<usize>,
+}
+
+impl SelfAttention {
+    pub fn load(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q: linear_b(d, heads * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k: linear_b(d, kv_heads * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v: linear_b(d, kv_heads * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o: linear_b(heads * hd, d, cfg.o_bias, vb.pp("o_proj"))?,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            window: cfg.sliding_window.get(layer).copied().flatten(),
+        })
+    }
+
+    /// `xs` (T, D) and per-token `cos`/`sin` (T, head_dim / 2) -> (T, D). Appends each span's
+    /// keys and values to `cache` at `layer` (uncommitted).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        spans: &[Span],
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (t, hd) = (xs.dim(0)?, self.head_dim);
+        // (T, heads * hd) -> (1, T, heads, hd), rotated, -> (T, heads, hd)
+        let rotate = |x: Tensor, heads: usize| {
+            rope_thd(&x.reshape((1, t, heads, hd))?, cos, sin)?.squeeze(0)
+        };
+        let q = rotate(self.q.forward(xs)?, self.heads)?;
+        let k = rotate(self.k.forward(xs)?, self.kv_heads)?;
+        let v = self.v.forward(xs)?.reshape((t, self.kv_heads, hd))?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for s in spans {
+            // (len, kv_heads, hd) -> (kv_heads, len, hd)
+            let per_head = |x: &Tensor| x.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous();
+            let (keys, values) = cache.append(s.seq_id, layer, &per_head(&k)?, &per_head(&v)?)?;
+            outs.push(self.attend(&q.narrow(0, s.offset, s.len)?, &keys, &values, s.start_pos)?);
+        }
+        self.o.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// One sequence: `q` (t, heads, hd) at positions `start..`, `keys`/`values`
+    /// (kv_heads, start + t, hd) -> (t, heads * hd).
+    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
+        let (t, _, hd) = q.dims3()?;
+        let (kvh, n_rep) = (self.kv_heads, self.heads / self.kv_heads);
+        // Keys older than the first query's window are invisible to every query: skip them.
+        let first = self.window.map_or(0, |w| (start + 1).saturating_sub(w));
+        let n_keys = start + t - first;
+        let keys = keys.narrow(1, first, n_keys)?;
+        let values = values.narrow(1, first, n_keys)?;
+        // (t, heads, hd) -> (kv_heads, n_rep * t, hd): the n_rep query heads sharing a kv head
+        // are stacked, which is grouped-query attention without copying keys.
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kvh, n_rep * t, hd))?;
+        let scale = (hd as f64).powf(-0.5);
+        // (kv_heads, n_rep * t, n_keys) -> (kv_heads, n_rep, t, n_keys)
+        let scores = (q.matmul(&keys.t()?)? * scale)?.reshape((kvh, n_rep, t, n_keys))?;
+        let mask = causal_mask(t, start, first, self.window, q.device())?;
+        let probs = softmax_f32(&scores, mask.as_ref())?.reshape((kvh, n_rep * t, n_keys))?;
+        // (kv_heads, n_rep * t, hd) -> (heads, t, hd) -> (t, heads * hd)
+        probs
+            .matmul(&values)?
+            .reshape((self.heads, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, self.heads * hd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: Option<Tensor>) -> Result<Vec<Vec<u8>>> {
+        let Some(m) = mask else { return Ok(vec![]) };
+        Ok(m.to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| row.into_iter().map(|v| u8::from(v == 0.0)).collect())
+            .collect())
+    }
+
+    #[test]
+    fn causal_prefill_with_offset() -> Result<()> {
+        // Two cached positions, three new queries.
+        let m = causal_mask(3, 2, 0, None, &Device::Cpu)?;
+        assert_eq!(
+            visible(m)?,
+            vec![
+                vec![1, 1, 1, 0, 0],
+                vec![1, 1, 1, 1, 0],
+                vec![1, 1, 1, 1, 1]
+            ]
+        );
+        assert!(
+            causal_mask(1, 9, 0, None, &Device::Cpu)?.is_none(),
+            "decode needs no mask"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_window_hides_old_keys() -> Result<()> {
+        // Window 2, queries at 3 and 4; keys start at first = 3 + 1 - 2 = 2.
+        let m = causal_mask(2, 3, 2, Some(2), &Device::Cpu)?;
+        assert_eq!(visible(m)?, vec![vec![1, 1, 0], vec![0, 1, 1]]);
+        Ok(())
+    }
+}

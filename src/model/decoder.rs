@@ -1,0 +1,134 @@
+//! The language model (Llama / Qwen2 / Mistral decoder) over one flattened step: every token of
+//! every sequence goes through each layer's matmuls together; only each sequence's last token
+//! reaches the final norm and `lm_head`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{linear_b, Embedding, Linear, VarBuilder};
+
+use super::activation::Activation;
+use super::attention::{SelfAttention, Span};
+use super::kv_cache::KvCache;
+use super::norm::RmsNorm;
+use super::rope::Rotary;
+use super::text_config::TextConfig;
+
+#[derive(Debug)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate: linear_b(d, i, b, vb.pp("gate_proj"))?,
+            up: linear_b(d, i, b, vb.pp("up_proj"))?,
+            down: linear_b(i, d, b, vb.pp("down_proj"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// (T, D) -> (T, D)
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = (self.act.apply(&self.gate.forward(xs)?)? * self.up.forward(xs)?)?;
+        self.down.forward(&h)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: SelfAttention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &TextConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_norm: RmsNorm::load(d, eps, vb.pp("input_layernorm"))?,
+            attn: SelfAttention::load(cfg, layer, vb.pp("self_attn"))?,
+            post_norm: RmsNorm::load(d, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
+        })
+    }
+}
+
+/// Decoder body plus output head.
+#[derive(Debug)]
+pub struct TextModel {
+    embed: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl TextModel {
+    /// `body` holds `embed_tokens`, `layers.*`, `norm`; `lm_head` holds `weight`, or is `None`
+    /// when the head is tied to the embeddings.
+    pub fn load(cfg: &TextConfig, body: VarBuilder, lm_head: Option<VarBuilder>) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_weight = body.get((v, d), "embed_tokens.weight")?;
+        let head_weight = match lm_head {
+            Some(vb) => vb.get((v, d), "weight")?,
+            None => embed_weight.clone(),
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, i, body.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed: Embedding::new(embed_weight, d),
+            layers,
+            norm: RmsNorm::load(d, cfg.rms_norm_eps, body.pp("norm"))?,
+            lm_head: Linear::new(head_weight, None),
+            rotary: Rotary::new(&cfg.rope, cfg.head_dim, body.device())?,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings: ids (T,) u32 -> (T, D).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// Runs the flattened step `xs` (T, D) whose rows belong to `spans` at `positions` (T,),
+    /// and returns the logits of each span's last token: (spans, vocab) f32.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        positions: &[usize],
+        spans: &[Span],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rotary.cos_sin(positions, xs.dtype())?;
+        let mut xs = xs.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn.forward(
+                &layer.input_norm.forward(&xs)?,
+                (&cos, &sin),
+                spans,
+                i,
+                cache,
+            )?;
+            xs = (xs + h)?;
+            let h = layer.mlp.forward(&layer.post_norm.forward(&xs)?)?;
+            xs = (xs + h)?;
+        }
+        let last: Vec<u32> = spans
+            .iter()
+            .map(|s| (s.offset + s.len - 1) as u32)
+            .collect();
+        let last = Tensor::new(last.as_slice(), xs.device())?;
+        // (spans, D) -> (spans, vocab)
+        let hidden = self.norm.forward(&xs.index_select(&last, 0)?)?;
+        self.lm_head.forward(&hidden)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,199 @@
+//! The vision tower: CLIP or SigLIP ViT encoder, run only as deep as the selected hidden states.
+//!
+//! Hidden states are indexed like transformers' `hidden_states` tuple: index 0 is the embedding
+//! output (after `pre_layrnorm` for CLIP), index i the output of encoder layer i. The final
+//! `post_layernorm` and SigLIP's pooling head are not part of any hidden state and are not loaded.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+
+use super::activation::Activation;
+use super::attention::softmax_f32;
+use super::config::{VisionConfig, VisionKind};
+
+#[derive(Debug)]
+struct VisionAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl VisionAttention {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// Bidirectional self-attention: (N, S, D) -> (N, S, D).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, s, d) = xs.dims3()?;
+        // (N, S, D) -> (N, heads, S, head_dim)
+        let split = |t: Tensor| {
+            t.reshape((n, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(xs)?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        // (N, heads, S, S)
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let probs = softmax_f32(&scores, None)?;
+        // (N, heads, S, head_dim) -> (N, S, D)
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
+        self.out.forward(&ctx)
+    }
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    norm1: LayerNorm,
+    attn: VisionAttention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
+            attn: VisionAttention::load(cfg, vb.pp("self_attn"))?,
+            norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// (N, S, D) -> (N, S, D)
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
+        let h = self
+            .act
+            .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
+        xs + self.fc2.forward(&h)?
+    }
+}
+
+/// A ViT encoder truncated after the deepest selected hidden state.
+#[derive(Debug)]
+pub struct VisionTower {
+    patch: usize,
+    /// Patch embedding as a matrix: (D, C * patch * patch).
+    patch_weight: Tensor,
+    /// (D,) — SigLIP only.
+    patch_bias: Option<Tensor>,
+    /// (D,) — CLIP only.
+    class_embedding: Option<Tensor>,
+    /// (S, D)
+    position_embedding: Tensor,
+    /// CLIP's `pre_layrnorm`.
+    pre_norm: Option<LayerNorm>,
+    layers: Vec<EncoderLayer>,
+    /// Selected hidden-state indices, resolved to 0..=num_hidden_layers.
+    selected: Vec<usize>,
+}
+
+impl VisionTower {
+    /// `feature_layers` as in `vision_feature_layer` (negative counts from the end).
+    pub fn load(cfg: &VisionConfig, feature_layers: &[i64], vb: VarBuilder) -> Result<Self> {
+        let total = cfg.num_hidden_layers as i64 + 1;
+        let selected: Vec<usize> = feature_layers
+            .iter()
+            .map(|&l| (if l < 0 { l + total } else { l }) as usize)
+            .collect();
+        let depth = selected.iter().copied().max().unwrap_or(0);
+        let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb
+            .get((d, c, p, p), "patch_embedding.weight")?
+            .reshape((d, c * p * p))?;
+        let (patch_bias, class_embedding, pre_norm) = match cfg.kind {
+            VisionKind::Siglip => (Some(emb.get(d, "patch_embedding.bias")?), None, None),
+            VisionKind::Clip => (
+                None,
+                Some(emb.get(d, "class_embedding")?),
+                Some(layer_norm(d, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?),
+            ),
+        };
+        let layers = (0..depth)
+            .map(|i| EncoderLayer::load(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch: p,
+            patch_weight,
+            patch_bias,
+            class_embedding,
+            position_embedding: emb.get((cfg.seq_len(), d), "position_embedding.weight")?,
+            pre_norm,
+            layers,
+            selected,
+        })
+    }
+
+    /// Patch + position embeddings: pixels (N, C, H, W) in the model dtype -> (N, S, D).
+    fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = pixels.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        // The stride-p conv as one matmul: (N, C, gh, p, gw, p) -> (N * gh * gw, C * p * p).
+        let patches = pixels
+            .reshape((n, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n * gh * gw, c * p * p))?;
+        let mut xs = patches.matmul(&self.patch_weight.t()?)?;
+        if let Some(b) = &self.patch_bias {
+            xs = xs.broadcast_add(b)?;
+        }
+        let d = xs.dim(1)?;
+        let mut xs = xs.reshape((n, gh * gw, d))?;
+        if let Some(cls) = &self.class_embedding {
+            let cls = cls.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+            xs = Tensor::cat(&[&cls, &xs], 1)?;
+        }
+        let xs = xs.broadcast_add(&self.position_embedding)?;
+        match &self.pre_norm {
+            Some(norm) => norm.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+
+    /// The selected hidden states, in `vision_feature_layer` order, each (N, S, D).
+    pub fn hidden_states(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let mut kept: Vec<Option<Tensor>> = vec![None; self.selected.len()];
+        let mut keep = |index: usize, xs: &Tensor| {
+            for (slot, _) in kept
+                .iter_mut()
+                .zip(&self.selected)
+                .filter(|(_, &s)| s == index)
+            {
+                *slot = Some(xs.clone());
+            }
+        };
+        let mut xs = self.embed(pixels)?;
+        keep(0, &xs);
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs)?;
+            keep(i + 1, &xs);
+        }
+        kept.into_iter()
+            .map(|t| {
+                t.ok_or_else(|| candle_core::Error::Msg("vision feature layer out of range".into()))
+            })
+            .collect()
+    }
+}
