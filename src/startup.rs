@@ -71,6 +71,7 @@ pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
     let core = EngineCore::new(EngineParts {
         model,
         tokenizer,
+        tokens: Arc::clone(&tokens),
         eos_token_ids,
         scheduler: SchedulerConfig {
             max_num_seqs: cfg.engine.max_num_seqs,

@@ -123,18 +123,28 @@ async fn collect(
     })
 }
 
+/// JSON has no infinity: an impossible token's logprob is reported as -9999,
+/// as OpenAI and vLLM do.
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
 /// One token's logprobs in OpenAI's shape, bytes taken from the token itself.
 pub fn to_openai_logprob(l: &TokenLogprobs, tokens: &TokenTable) -> TokenLogprob {
     TokenLogprob {
         token: tokens.token_string(l.token),
-        logprob: l.logprob,
+        logprob: finite(l.logprob),
         bytes: tokens.bytes(l.token).to_vec(),
         top_logprobs: Some(
             l.top
                 .iter()
                 .map(|&(id, logprob)| TopLogprob {
                     token: tokens.token_string(id),
-                    logprob,
+                    logprob: finite(logprob),
                     bytes: tokens.bytes(id).to_vec(),
                 })
                 .collect(),

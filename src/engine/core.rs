@@ -10,14 +10,17 @@ use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use super::scheduler::{self, SchedulerConfig};
-use super::sequence::{Progress, Sequence};
+use super::sequence::{Progress, Sequence, TextTools};
 use super::{Command, EngineError};
 use crate::model::{KvCache, LlavaModel, SeqInput};
+use crate::text::TokenTable;
 
 /// What the engine is built from.
 pub struct EngineParts {
     pub model: LlavaModel,
     pub tokenizer: Arc<Tokenizer>,
+    /// Token bytes, for the incremental detokenizer.
+    pub tokens: Arc<TokenTable>,
     /// Token ids that end a sequence (generation_config, config and tokenizer).
     pub eos_token_ids: Vec<u32>,
     pub scheduler: SchedulerConfig,
@@ -28,6 +31,7 @@ pub struct EngineCore {
     model: LlavaModel,
     cache: KvCache,
     tokenizer: Arc<Tokenizer>,
+    tokens: Arc<TokenTable>,
     eos: Vec<u32>,
     sched: SchedulerConfig,
     /// Submitted, not yet prefilled, in arrival order.
@@ -44,6 +48,7 @@ impl EngineCore {
             model: parts.model,
             cache,
             tokenizer: parts.tokenizer,
+            tokens: parts.tokens,
             eos: parts.eos_token_ids,
             sched: parts.scheduler,
             waiting: VecDeque::new(),
@@ -202,10 +207,13 @@ impl EngineCore {
     }
 
     fn advance_all(&mut self, rows: &[Vec<f32>]) {
-        let tok = Arc::clone(&self.tokenizer);
+        let text = TextTools {
+            tokenizer: &self.tokenizer,
+            table: &self.tokens,
+        };
         let mut still = Vec::with_capacity(self.running.len());
         for (mut seq, row) in self.running.drain(..).zip(rows) {
-            match seq.advance(row, &self.eos, &tok) {
+            match seq.advance(row, &self.eos, &text) {
                 Progress::Running => still.push(seq),
                 Progress::Finished | Progress::Abandoned => self.cache.remove(seq.id),
             }

@@ -7,7 +7,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
 use super::{EngineError, EngineRequest, Event, FinishReason, TokenLogprobs};
-use crate::text::{IncrementalDetokenizer, StopMatcher};
+use crate::text::{IncrementalDetokenizer, StopMatcher, TokenTable};
 
 pub struct Sequence {
     /// Key of this sequence's KV cache entry.
@@ -26,6 +26,12 @@ pub struct Sequence {
     detok: IncrementalDetokenizer,
     stop: StopMatcher,
     events: UnboundedSender<Event>,
+}
+
+/// The tokenizer and its byte table, shared by all sequences.
+pub struct TextTools<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub table: &'a TokenTable,
 }
 
 /// What happened to a sequence after one sampled token.
@@ -48,7 +54,7 @@ impl Sequence {
             max_tokens: req.max_tokens,
             logprobs: req.sampling.logprobs,
             sampler: Sampler::new(&req.sampling),
-            detok: IncrementalDetokenizer::new(),
+            detok: IncrementalDetokenizer::new(true),
             stop: StopMatcher::new(req.stop),
             events: req.events,
         }
@@ -72,18 +78,22 @@ impl Sequence {
 
     /// Samples from this sequence's last-token logits, streams the text out and
     /// says whether the sequence goes on.
-    pub fn advance(&mut self, logits: &[f32], eos: &[u32], tok: &Tokenizer) -> Progress {
+    pub fn advance(&mut self, logits: &[f32], eos: &[u32], text: &TextTools<'_>) -> Progress {
         self.cached += self.next_input().len();
-        let sampled = self.sampler.sample(logits, &self.output);
+        let sampled = match self.sampler.sample(logits, &self.output) {
+            Ok(s) => s,
+            Err(e) => return self.fail(EngineError::Model(format!("sampling failed: {e}"))),
+        };
+        let tok = text.tokenizer;
         self.output.push(sampled.token);
         if eos.contains(&sampled.token) {
             return self.finish(FinishReason::Stop, true, tok);
         }
-        let text = match self.detok.push(tok, sampled.token) {
-            Ok(text) => text,
+        let piece = match self.detok.push(tok, text.table, sampled.token) {
+            Ok(piece) => piece,
             Err(e) => return self.fail(EngineError::Detokenize(e.to_string())),
         };
-        let outcome = self.stop.push(&text);
+        let outcome = self.stop.push(&piece);
         let logprobs = self.logprobs.then_some(TokenLogprobs {
             token: sampled.token,
             logprob: sampled.logprob,
