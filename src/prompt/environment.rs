@@ -93,27 +93,20 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Er
             "tojson() takes at most 4 arguments",
         ));
     }
-    let mut positional = args.iter().cloned();
-    let (ensure_ascii, indent, separators, sort_keys) = (
-        positional.next(),
-        positional.next(),
-        positional.next(),
-        positional.next(),
-    );
-    let pick = |positional: Option<Value>, name: &str| -> Result<Option<Value>, Error> {
+    let mut resolved: [Option<Value>; 4] = Default::default();
+    for (i, name) in PARAMETERS.iter().enumerate() {
         let keyword: Option<Value> = kwargs.get(name)?;
-        match (positional, keyword) {
-            (Some(_), Some(_)) => Err(Error::new(
-                ErrorKind::TooManyArguments,
-                format!("tojson() got multiple values for argument '{name}'"),
-            )),
-            (p, k) => Ok(p.or(k)),
-        }
-    };
-    let ensure_ascii = pick(ensure_ascii, "ensure_ascii")?;
-    let indent = pick(indent, "indent")?;
-    let separators = pick(separators, "separators")?;
-    let sort_keys = pick(sort_keys, "sort_keys")?;
+        resolved[i] = match (args.get(i).cloned(), keyword) {
+            (Some(_), Some(_)) => {
+                return Err(Error::new(
+                    ErrorKind::TooManyArguments,
+                    format!("tojson() got multiple values for argument '{name}'"),
+                ))
+            }
+            (positional, keyword) => positional.or(keyword),
+        };
+    }
+    let [ensure_ascii, indent, separators, sort_keys] = resolved;
     kwargs.assert_all_used()?;
     let options = pyjson::JsonOptions::from_python_args(
         ensure_ascii.is_some_and(|v| v.is_true()),
