@@ -46,8 +46,8 @@ pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
             tok_path.display()
         )
     })?;
-    let special = SpecialTokens::read(dir)?;
-    let eos_token_ids = eos_ids(dir, &tokenizer, special.eos.as_deref())?;
+    let eos_token_ids = eos_ids(dir, &tokenizer, template.eos_token())?;
+    let bos_token = template.bos_token().map(str::to_string);
     let sampling_defaults = read_json(&dir.join("generation_config.json"))?
         .map(|g| SamplingDefaults::from_generation_config(&g))
         .unwrap_or_default();
@@ -57,7 +57,7 @@ pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
         processor,
         image_token,
         image_token_id,
-        bos_token: special.bos,
+        bos_token,
         tokens_per_image: model.tokens_per_image(),
         max_context: model.max_context(),
         limits: ValidationLimits {
@@ -85,35 +85,6 @@ pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
         tokens,
     };
     Ok((serving, join))
-}
-
-/// BOS and EOS strings from `tokenizer_config.json` (absent file: none).
-struct SpecialTokens {
-    bos: Option<String>,
-    eos: Option<String>,
-}
-
-impl SpecialTokens {
-    fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer_config.json");
-        let Some(json) = read_json(&path)? else {
-            return Ok(SpecialTokens {
-                bos: None,
-                eos: None,
-            });
-        };
-        Ok(SpecialTokens {
-            bos: token_field(&json["bos_token"]),
-            eos: token_field(&json["eos_token"]),
-        })
-    }
-}
-
-/// A token given as a string or as an AddedToken dict `{"content": ...}`.
-fn token_field(v: &serde_json::Value) -> Option<String> {
-    v.as_str()
-        .or_else(|| v["content"].as_str())
-        .map(str::to_string)
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {

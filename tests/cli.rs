@@ -9,8 +9,8 @@ fn mmserve(args: &[&str]) -> (bool, String) {
         .env_remove("MMSERVE_CONFIG")
         .output()
         .expect("run mmserve");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -38,7 +38,10 @@ fn help_explains_every_flag() {
 fn a_missing_model_directory_is_named() {
     let (ok, text) = mmserve(&["serve", "--model", "/nonexistent/model-dir", "--port", "0"]);
     assert!(!ok);
-    assert!(text.contains("/nonexistent/model-dir/config.json"), "{text}");
+    assert!(
+        text.contains("/nonexistent/model-dir/config.json"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -54,9 +57,15 @@ fn a_bad_config_file_is_named() {
 
 #[test]
 fn a_missing_file_in_the_model_directory_is_named() {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llava-clip-llama");
-    for missing in ["tokenizer.json", "preprocessor_config.json", "model.safetensors"] {
-        let dir = std::env::temp_dir().join(format!("mmserve-missing-{}-{missing}", std::process::id()));
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llava-clip-llama");
+    for missing in [
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+    ] {
+        let dir =
+            std::env::temp_dir().join(format!("mmserve-missing-{}-{missing}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for entry in std::fs::read_dir(&src).unwrap() {
             let entry = entry.unwrap();

@@ -22,7 +22,11 @@ fn expected_text(model: &str, case: &Value) -> (String, usize, &'static str) {
         Value::Array(_) => common::ids(&reference["generation_config_eos_token_id"]),
         v => vec![v.as_u64().unwrap() as u32],
     };
-    eos.extend(reference["tokenizer"]["eos_token_id"].as_u64().map(|x| x as u32));
+    eos.extend(
+        reference["tokenizer"]["eos_token_id"]
+            .as_u64()
+            .map(|x| x as u32),
+    );
     let tokens = common::ids(&case["greedy_tokens"]);
     let (cut, reason) = match tokens.iter().position(|t| eos.contains(t)) {
         Some(i) => (i + 1, "stop"),

@@ -139,16 +139,13 @@ impl Validator {
         let text = self
             .template
             .render(messages, true, &self.image_token)
-            .map_err(|e| {
-                if e.is_client_error() {
-                    ValidationError::Invalid {
-                        message: e.to_string(),
-                        param: Some("messages".into()),
-                        code: "invalid_prompt",
-                    }
-                } else {
-                    ValidationError::Internal(format!("chat template failed: {e}"))
-                }
+            // The template compiled at start-up, so a failure now comes from
+            // this request's messages (`raise_exception`, or a shape the
+            // template cannot handle): the client's to fix, as vLLM answers.
+            .map_err(|e| ValidationError::Invalid {
+                message: format!("the model's chat template rejected the messages: {e}"),
+                param: Some("messages".into()),
+                code: "invalid_prompt",
             })?;
         let has_bos = self
             .bos_token
