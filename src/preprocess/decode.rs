@@ -1,0 +1,247 @@
+//! Decoding uploaded image bytes into a `DynamicImage`, the way transformers' `load_image` opens
+//! them with Pillow: the format is sniffed from the magic bytes (PNG, JPEG, WebP, GIF only), an
+//! animated GIF or WebP yields its first frame, and the EXIF orientation is applied
+//! (`PIL.ImageOps.exif_transpose`). Alpha is kept; `rgb` decides what to do with it.
+//!
+//! Known gaps versus Pillow: Pillow also reads an orientation from XMP (`tiff:Orientation`) when
+//! there is no EXIF one, and libjpeg-turbo's IDCT/upsampling differ from the `image` crate's JPEG
+//! decoder by a few uint8 levels on some pixels (see the reference tests).
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
+
+use super::PreprocessError;
+
+/// Largest decoded buffer we accept, in bytes (the `image` crate's default limit). An RGB8 image
+/// of 178 megapixels (Pillow's own decompression-bomb error threshold) needs about this much.
+const MAX_DECODED_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Sniffs the container format from the first bytes, accepting only the four we serve.
+fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::InvalidImage("empty image data".into()));
+    }
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Ok(ImageFormat::Png);
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(ImageFormat::Jpeg);
+    }
+    if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        return Ok(ImageFormat::Gif);
+    }
+    if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        return Ok(ImageFormat::WebP);
+    }
+    let name = image::guess_format(bytes)
+        .map(|f| {
+            f.extensions_str()
+                .first()
+                .copied()
+                .unwrap_or("unknown")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "unrecognized data".to_string());
+    Err(PreprocessError::UnsupportedFormat(name))
+}
+
+fn map_image_error(format: ImageFormat, err: ImageError) -> PreprocessError {
+    let name = format.extensions_str().first().copied().unwrap_or("image");
+    match err {
+        ImageError::Limits(e) => PreprocessError::ImageTooLarge(format!("{name}: {e}")),
+        ImageError::Unsupported(e) => PreprocessError::UnsupportedFormat(format!("{name}: {e}")),
+        other => PreprocessError::InvalidImage(format!("{name}: {other}")),
+    }
+}
+
+/// Decodes PNG, JPEG, WebP or GIF bytes (first frame), with the EXIF orientation applied.
+///
+/// Errors: `UnsupportedFormat` for any other format (BMP, TIFF, ...), `InvalidImage` for empty,
+/// truncated or corrupt data, `ImageTooLarge` past the decoder memory limit. Never panics.
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+    let format = sniff_format(bytes)?;
+    let mut reader = ImageReader::new(Cursor::new(bytes));
+    reader.set_format(format);
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_image_error(format, e))?;
+    // `into_decoder` checks dimensions but not `max_alloc` against the output buffer.
+    let needed = decoder.total_bytes();
+    if needed > MAX_DECODED_BYTES {
+        let (w, h) = decoder.dimensions();
+        return Err(PreprocessError::ImageTooLarge(format!(
+            "{w}x{h} pixels need {needed} bytes decoded (limit {MAX_DECODED_BYTES})"
+        )));
+    }
+    // A malformed EXIF block is ignored, as Pillow's exif_transpose does.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(PreprocessError::InvalidImage(
+            "image has zero width or height".into(),
+        ));
+    }
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ExtendedColorType, ImageEncoder, Rgba, RgbaImage};
+
+    fn sample(w: u32, h: u32) -> RgbaImage {
+        RgbaImage::from_fn(w, h, |x, y| {
+            Rgba([(x * 40) as u8, (y * 40) as u8, 100, 255])
+        })
+    }
+
+    fn encode(format: ImageFormat, img: &RgbaImage) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let (w, h) = img.dimensions();
+        match format {
+            ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut buf)
+                .write_image(img.as_raw(), w, h, ExtendedColorType::Rgba8)
+                .unwrap(),
+            ImageFormat::Jpeg => {
+                let rgb = DynamicImage::ImageRgba8(img.clone()).to_rgb8();
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
+                    .write_image(rgb.as_raw(), w, h, ExtendedColorType::Rgb8)
+                    .unwrap()
+            }
+            ImageFormat::WebP => image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
+                .write_image(img.as_raw(), w, h, ExtendedColorType::Rgba8)
+                .unwrap(),
+            ImageFormat::Gif => {
+                let mut enc = image::codecs::gif::GifEncoder::new(&mut buf);
+                enc.encode(img.as_raw(), w, h, ExtendedColorType::Rgba8)
+                    .unwrap();
+            }
+            _ => unreachable!(),
+        }
+        buf
+    }
+
+    #[test]
+    fn decodes_each_supported_format() {
+        let img = sample(5, 3);
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+        ] {
+            let out = decode_image(&encode(format, &img)).unwrap();
+            assert_eq!((out.width(), out.height()), (5, 3), "{format:?}");
+            if format != ImageFormat::Jpeg {
+                // Lossless formats (the GIF palette holds these few colors exactly).
+                assert_eq!(out.to_rgba8(), img, "{format:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_and_corrupt_data_are_client_errors() {
+        let img = sample(16, 16);
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+        ] {
+            let bytes = encode(format, &img);
+            for cut in [bytes.len() / 2, 20, 12] {
+                let err = decode_image(&bytes[..cut]).unwrap_err();
+                assert!(err.is_client_error(), "{format:?} cut at {cut}: {err}");
+            }
+            let mut garbled = bytes.clone();
+            for b in garbled.iter_mut().skip(16) {
+                *b ^= 0x5A;
+            }
+            if let Err(err) = decode_image(&garbled) {
+                assert!(err.is_client_error(), "{format:?} garbled: {err}");
+            }
+        }
+        assert!(matches!(
+            decode_image(&[]),
+            Err(PreprocessError::InvalidImage(_))
+        ));
+    }
+
+    /// A valid 1x1 24-bit BMP (the `image` crate is built without its BMP codec).
+    fn tiny_bmp() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"BM");
+        b.extend_from_slice(&58u32.to_le_bytes()); // file size
+        b.extend_from_slice(&0u32.to_le_bytes()); // reserved
+        b.extend_from_slice(&54u32.to_le_bytes()); // pixel data offset
+        b.extend_from_slice(&40u32.to_le_bytes()); // BITMAPINFOHEADER size
+        b.extend_from_slice(&1i32.to_le_bytes()); // width
+        b.extend_from_slice(&1i32.to_le_bytes()); // height
+        b.extend_from_slice(&1u16.to_le_bytes()); // planes
+        b.extend_from_slice(&24u16.to_le_bytes()); // bits per pixel
+        b.extend_from_slice(&[0; 24]); // compression, sizes, resolution, palette counts
+        b.extend_from_slice(&[10, 20, 30, 0]); // one BGR pixel, row padded to 4 bytes
+        b
+    }
+
+    #[test]
+    fn bmp_and_noise_are_unsupported() {
+        let bmp = tiny_bmp();
+        let err = decode_image(&bmp).unwrap_err();
+        assert!(
+            matches!(err, PreprocessError::UnsupportedFormat(_)),
+            "{err}"
+        );
+        assert!(err.is_client_error());
+        let err = decode_image(b"hello, world").unwrap_err();
+        assert!(
+            matches!(err, PreprocessError::UnsupportedFormat(_)),
+            "{err}"
+        );
+    }
+
+    /// CRC-32 (IEEE) of a PNG chunk's type and data.
+    fn png_crc(data: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn huge_dimensions_are_rejected_before_allocating() {
+        // A 1x1 PNG whose header is patched to claim 50000 x 50000 RGBA (10 GB decoded).
+        let mut png = encode(ImageFormat::Png, &sample(1, 1));
+        png[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+        let crc = png_crc(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = decode_image(&png).unwrap_err();
+        assert!(matches!(err, PreprocessError::ImageTooLarge(_)), "{err}");
+        assert!(err.is_client_error());
+    }
+
+    #[test]
+    fn degenerate_images_decode() {
+        for (w, h) in [(1, 1), (1, 500), (500, 1)] {
+            let img = sample(w, h);
+            let out = decode_image(&encode(ImageFormat::Png, &img)).unwrap();
+            assert_eq!((out.width(), out.height()), (w, h));
+        }
+    }
+}
