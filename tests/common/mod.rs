@@ -177,7 +177,7 @@ pub fn content(v: &Value) -> String {
 pub fn streamed_text(events: &[Value], index: u64) -> String {
     events
         .iter()
-        .filter(|e| e.is_object() && !e["choices"].as_array().map_or(true, |c| c.is_empty()))
+        .filter(|e| e.is_object() && e["choices"].as_array().is_some_and(|c| !c.is_empty()))
         .filter(|e| e["choices"][0]["index"] == index)
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
         .collect()
