@@ -1,14 +1,28 @@
 //! The command line: help text, and start-up errors that name what is wrong.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+/// Runs mmserve to completion; a run that would serve forever is killed after
+/// a minute and fails the test.
 fn mmserve(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mmserve"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmserve"))
         .args(args)
         .env_remove("MMSERVE_MODEL")
         .env_remove("MMSERVE_CONFIG")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run mmserve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mmserve {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
