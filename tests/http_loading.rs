@@ -1,0 +1,64 @@
+//! Before the model has loaded the server already answers: 503 in the OpenAI
+//! error shape on every route that needs the model, including /health.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use mmserve::api::{router, AppState};
+use tower::ServiceExt;
+
+async fn call(method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
+    let state = Arc::new(AppState::new("m".into(), 1 << 20));
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = router(state).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn health_and_requests_are_503_while_loading() {
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    for (method, uri, body) in [
+        ("GET", "/health", ""),
+        ("GET", "/v1/models", ""),
+        ("POST", "/v1/chat/completions", chat),
+    ] {
+        let (status, json) = call(method, uri, body).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(json["error"]["code"], "service_unavailable", "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_in_the_openai_shape() {
+    let (status, json) = call("GET", "/v1/chat/completions", "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(json["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413_in_the_openai_shape() {
+    let big = format!(
+        r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let state = Arc::new(AppState::new("m".into(), 1 << 20));
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .body(Body::from(big))
+        .unwrap();
+    let resp = router(state).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["error"]["code"], "request_too_large");
+}
