@@ -12,8 +12,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/mmserve.toml");
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    pub models: Vec<ModelConfig>,
     pub server: ServerConfig,
-    pub model: ModelConfig,
     pub engine: EngineConfig,
     pub limits: LimitsConfig,
 }
@@ -26,17 +26,64 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
 }
 
+/// One served model.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// A local Hugging Face model directory.
     pub path: PathBuf,
+    /// The name clients send in `model`; empty: the directory's name.
+    #[serde(default)]
     pub name: String,
+    #[serde(default)]
+    pub kind: KindSetting,
+    #[serde(default)]
     pub dtype: Dtype,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+impl ModelConfig {
+    pub fn new(path: PathBuf) -> Self {
+        ModelConfig {
+            path,
+            name: String::new(),
+            kind: KindSetting::Auto,
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// The name clients use: the configured one, else the directory's name.
+    pub fn served_name(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "mmserve".to_string())
+    }
+}
+
+/// What a model serves: chat completions or embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Chat,
+    Embedding,
+}
+
+/// `kind` in the config: a fixed kind, or read from the model's config.json.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KindSetting {
+    #[default]
+    Auto,
+    Chat,
+    Embedding,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    #[default]
     F32,
     F16,
     Bf16,
@@ -58,6 +105,7 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_batched_tokens: usize,
     pub default_max_tokens: usize,
+    pub max_embedding_batch: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +113,7 @@ pub struct EngineConfig {
 pub struct LimitsConfig {
     pub max_images_per_request: usize,
     pub max_n: usize,
+    pub max_embedding_inputs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +158,15 @@ impl Config {
             ("engine.max_num_seqs", self.engine.max_num_seqs),
             ("engine.max_batched_tokens", self.engine.max_batched_tokens),
             ("engine.default_max_tokens", self.engine.default_max_tokens),
+            (
+                "engine.max_embedding_batch",
+                self.engine.max_embedding_batch,
+            ),
             ("limits.max_n", self.limits.max_n),
+            (
+                "limits.max_embedding_inputs",
+                self.limits.max_embedding_inputs,
+            ),
             ("server.max_body_bytes", self.server.max_body_bytes),
         ];
         for (name, v) in positive {
@@ -117,19 +174,15 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
-        Ok(())
-    }
-
-    /// The name clients use: the configured one, else the directory's name.
-    pub fn served_name(&self) -> String {
-        if !self.model.name.is_empty() {
-            return self.model.name.clone();
+        let mut names: Vec<String> = self.models.iter().map(|m| m.served_name()).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid(format!(
+                "two models are named `{}`: give them distinct names",
+                w[0]
+            )));
         }
-        self.model
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "mmserve".to_string())
+        Ok(())
     }
 }
 
@@ -160,7 +213,31 @@ mod tests {
     fn defaults_parse_and_check() {
         let cfg = Config::load(None).unwrap();
         assert_eq!(cfg.server.port, 8000);
-        assert_eq!(cfg.model.dtype, Dtype::F32);
+        assert!(cfg.models.is_empty());
+    }
+
+    #[test]
+    fn models_are_listed_with_defaults_and_unique_names() {
+        let dir = std::env::temp_dir().join(format!("mmserve-cfgm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("m.toml");
+        let two = "[[models]]\npath = \"/m/a\"\n[[models]]\npath = \"/m/b\"\nkind = \"embedding\"\ndtype = \"f16\"\n";
+        std::fs::write(&f, two).unwrap();
+        let cfg = Config::load(Some(&f)).unwrap();
+        assert_eq!(cfg.models.len(), 2);
+        assert_eq!(cfg.models[0].kind, KindSetting::Auto);
+        assert_eq!(cfg.models[0].dtype, Dtype::F32);
+        assert_eq!(cfg.models[1].kind, KindSetting::Embedding);
+        assert_eq!(cfg.models[1].dtype, Dtype::F16);
+        std::fs::write(
+            &f,
+            "[[models]]\npath = \"/x/a\"\n[[models]]\npath = \"/y/a\"\n",
+        )
+        .unwrap();
+        assert!(
+            Config::load(Some(&f)).is_err(),
+            "duplicate names are refused"
+        );
     }
 
     #[test]
@@ -181,10 +258,9 @@ mod tests {
 
     #[test]
     fn served_name_defaults_to_the_directory() {
-        let mut cfg = Config::load(None).unwrap();
-        cfg.model.path = PathBuf::from("/models/llava-1.5-7b-hf");
-        assert_eq!(cfg.served_name(), "llava-1.5-7b-hf");
-        cfg.model.name = "llava".into();
-        assert_eq!(cfg.served_name(), "llava");
+        let mut m = ModelConfig::new(PathBuf::from("/models/llava-1.5-7b-hf"));
+        assert_eq!(m.served_name(), "llava-1.5-7b-hf");
+        m.name = "llava".into();
+        assert_eq!(m.served_name(), "llava");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mmserve::api::{router, AppState};
-use mmserve::config::{Config, Dtype};
+use mmserve::config::{Config, Dtype, ModelConfig};
 
 /// An OpenAI-compatible inference server for vision-language models.
 #[derive(Parser, Debug)]
@@ -29,10 +29,11 @@ struct ServeArgs {
     /// A TOML config file; keys it leaves out keep the defaults of config/mmserve.toml.
     #[arg(long, env = "MMSERVE_CONFIG")]
     config: Option<PathBuf>,
-    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json, ...).
+    /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json, ...);
+    /// repeat to serve several models (chat and embedding). Replaces the config's [[models]].
     #[arg(long, env = "MMSERVE_MODEL")]
-    model: Option<PathBuf>,
-    /// The model name clients send in `model` (default: the directory's name).
+    model: Vec<PathBuf>,
+    /// The model name clients send in `model` (default: the directory's name); with one --model.
     #[arg(long)]
     served_model_name: Option<String>,
     /// Address to listen on (default 127.0.0.1; 0.0.0.0 in containers).
@@ -41,7 +42,7 @@ struct ServeArgs {
     /// Port to listen on (default 8000).
     #[arg(long, env = "MMSERVE_PORT")]
     port: Option<u16>,
-    /// Compute dtype (default f32; bf16 is slow on CPUs without bf16 matmul).
+    /// Compute dtype of every model given by --model (default f32; bf16 is slow on CPUs).
     #[arg(long, value_enum)]
     dtype: Option<Dtype>,
     /// Most sequences decoded together in one engine step.
@@ -56,20 +57,23 @@ impl ServeArgs {
     /// Flags override the config file.
     fn config(&self) -> Result<Config> {
         let mut cfg = Config::load(self.config.as_deref())?;
-        if let Some(m) = &self.model {
-            cfg.model.path = m.clone();
+        if !self.model.is_empty() {
+            cfg.models = self.model.iter().cloned().map(ModelConfig::new).collect();
         }
         if let Some(n) = &self.served_model_name {
-            cfg.model.name = n.clone();
+            match cfg.models.as_mut_slice() {
+                [m] => m.name = n.clone(),
+                _ => anyhow::bail!("--served-model-name needs exactly one model"),
+            }
+        }
+        if let Some(d) = self.dtype {
+            cfg.models.iter_mut().for_each(|m| m.dtype = d);
         }
         if let Some(h) = &self.host {
             cfg.server.host = h.clone();
         }
         if let Some(p) = self.port {
             cfg.server.port = p;
-        }
-        if let Some(d) = self.dtype {
-            cfg.model.dtype = d;
         }
         if let Some(n) = self.max_num_seqs {
             cfg.engine.max_num_seqs = n;
@@ -78,7 +82,7 @@ impl ServeArgs {
             cfg.engine.max_batched_tokens = n;
         }
         cfg.check()?;
-        if cfg.model.path.as_os_str().is_empty() {
+        if cfg.models.is_empty() {
             anyhow::bail!(
                 "no model given: pass --model DIR (a local Hugging Face model directory)"
             );
@@ -110,18 +114,25 @@ async fn serve(cfg: Config) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
         .parse()
         .with_context(|| format!("invalid address {}:{}", cfg.server.host, cfg.server.port))?;
-    let state = Arc::new(AppState::new(cfg.served_name(), cfg.server.max_body_bytes));
+    let mut slots = Vec::with_capacity(cfg.models.len());
+    for m in &cfg.models {
+        slots.push((m.served_name(), mmserve::startup::model_kind(m)?));
+    }
+    let kinds: Vec<_> = slots.iter().map(|s| s.1).collect();
+    let state = Arc::new(AppState::new(slots, cfg.server.max_body_bytes));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(%addr, model = %cfg.model.path.display(), "listening; loading the model");
+    tracing::info!(%addr, "listening; loading the models");
 
     // Load off the runtime; /health answers 503 meanwhile.
     let loader_state = Arc::clone(&state);
     let loading = tokio::task::spawn_blocking(move || -> Result<()> {
-        let (serving, _engine_thread) = mmserve::startup::load(&cfg)?;
-        let _ = loader_state.serving.set(serving);
-        tracing::info!("model loaded; ready");
+        for (m, kind) in cfg.models.iter().zip(kinds) {
+            let (served, _engine_thread) = mmserve::startup::load(&cfg, m, kind)?;
+            loader_state.install(&m.served_name(), served);
+            tracing::info!(model = %m.served_name(), path = %m.path.display(), "model loaded");
+        }
         Ok(())
     });
     let app = router(state);

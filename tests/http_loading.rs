@@ -7,10 +7,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use mmserve::api::{router, AppState};
+use mmserve::config::ModelKind;
 use tower::ServiceExt;
 
 async fn call(method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
-    let state = Arc::new(AppState::new("m".into(), 1 << 20));
+    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], 1 << 20));
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -28,13 +29,20 @@ async fn health_and_requests_are_503_while_loading() {
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
     for (method, uri, body) in [
         ("GET", "/health", ""),
-        ("GET", "/v1/models", ""),
         ("POST", "/v1/chat/completions", chat),
     ] {
         let (status, json) = call(method, uri, body).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
         assert_eq!(json["error"]["code"], "service_unavailable", "{uri}");
     }
+}
+
+#[tokio::test]
+async fn models_are_listed_while_loading() {
+    let (status, json) = call("GET", "/v1/models", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["data"][0]["id"], "m");
+    assert!(json["data"][0].get("max_model_len").is_none());
 }
 
 #[tokio::test]
@@ -50,7 +58,7 @@ async fn an_oversized_body_is_413_in_the_openai_shape() {
         r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
         "x".repeat(2 << 20)
     );
-    let state = Arc::new(AppState::new("m".into(), 1 << 20));
+    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], 1 << 20));
     let req = Request::builder()
         .method("POST")
         .uri("/v1/chat/completions")

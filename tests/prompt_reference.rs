@@ -5,7 +5,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
+use mmserve::api::Served;
+use mmserve::config::ModelKind;
 use mmserve::openai::request::ChatCompletionRequest;
+use mmserve::startup;
 
 const MODELS: [&str; 2] = ["llava-clip-llama", "llava-siglip-qwen2"];
 
@@ -35,7 +38,11 @@ fn request(case: &serde_json::Value, model: &str) -> ChatCompletionRequest {
 #[test]
 fn prompt_ids_and_pixels_match_the_processor() {
     for model in MODELS {
-        let (serving, _engine) = mmserve::startup::load(&common::config(model)).expect("load");
+        let cfg = common::config(&[model]);
+        let (served, _engine) = startup::load(&cfg, &cfg.models[0], ModelKind::Chat).expect("load");
+        let Served::Chat(serving) = served else {
+            panic!("{model} is a chat model")
+        };
         let tensors = candle_core::safetensors::load(
             common::fixtures().join(format!("reference/{model}.safetensors")),
             &Device::Cpu,

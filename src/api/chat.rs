@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::{stream, unix_now, AppState, Serving};
+use super::{stream, unix_now, AppState, ChatServing};
 use crate::engine::{EngineRequest, Event, TokenLogprobs};
 use crate::openai::request::ChatCompletionRequest;
 use crate::openai::response::{
@@ -23,9 +23,9 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    state.check_model(&req.model)?;
-    let serving = state.serving()?;
+    let serving = state.chat(&req.model)?;
     let validator = Arc::clone(&serving.validator);
+    let req_model = req.model.clone();
     let valid = tokio::task::spawn_blocking(move || validator.validate_chat(&req))
         .await
         .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
@@ -33,7 +33,7 @@ pub async fn chat_completions(
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
-        model: state.model_name.clone(),
+        model: req_model,
         logprobs: valid.choices.first().is_some_and(|c| c.logprobs),
     };
     let tokens = Arc::clone(&serving.tokens);
@@ -53,7 +53,7 @@ pub struct ResponseMeta {
 }
 
 fn submit(
-    serving: &Serving,
+    serving: &ChatServing,
     valid: &ValidChatRequest,
 ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
     let mut receivers = Vec::with_capacity(valid.choices.len());

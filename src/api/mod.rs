@@ -3,6 +3,7 @@
 //! engine, and turn engine events into JSON or SSE.
 
 mod chat;
+mod embeddings;
 pub mod error;
 mod json;
 mod stream;
@@ -16,60 +17,133 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::config::ModelKind;
+use crate::engine::embed::EmbedHandle;
 use crate::engine::EngineHandle;
 use crate::openai::response::{ModelCard, ModelList};
 use crate::text::TokenTable;
+use crate::validate::embed::EmbedValidator;
 use crate::validate::Validator;
 use error::ApiError;
 
-/// A loaded model, ready to serve.
-pub struct Serving {
+/// A loaded chat model, ready to serve.
+pub struct ChatServing {
     pub validator: Arc<Validator>,
     pub engine: EngineHandle,
     /// Token bytes and strings for logprobs.
     pub tokens: Arc<TokenTable>,
 }
 
+/// A loaded embedding model, ready to serve.
+pub struct EmbedServing {
+    pub validator: Arc<EmbedValidator>,
+    pub engine: EmbedHandle,
+}
+
+/// A model once loaded.
+pub enum Served {
+    Chat(ChatServing),
+    Embed(EmbedServing),
+}
+
+impl Served {
+    fn max_model_len(&self) -> usize {
+        match self {
+            Served::Chat(c) => c.validator.max_context,
+            Served::Embed(e) => e.validator.max_text_len,
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        match self {
+            Served::Chat(c) => c.engine.ping().await,
+            Served::Embed(e) => e.engine.ping().await,
+        }
+    }
+}
+
+/// One configured model: known by name and kind from start-up, served once loaded.
+pub struct ModelSlot {
+    pub name: String,
+    pub kind: ModelKind,
+    /// Set once the model has loaded; until then its requests get 503.
+    pub served: OnceLock<Served>,
+}
+
 /// State shared by all handlers.
 pub struct AppState {
-    /// The name clients put in `model`.
-    pub model_name: String,
-    /// Set once the model has loaded; until then requests get 503.
-    pub serving: OnceLock<Serving>,
-    /// Unix time the server started, reported as the model's `created`.
+    pub models: Vec<ModelSlot>,
+    /// Unix time the server started, reported as the models' `created`.
     pub created: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
 }
 
 impl AppState {
-    pub fn new(model_name: String, max_body_bytes: usize) -> Self {
+    pub fn new(models: Vec<(String, ModelKind)>, max_body_bytes: usize) -> Self {
         AppState {
-            model_name,
-            serving: OnceLock::new(),
+            models: models
+                .into_iter()
+                .map(|(name, kind)| ModelSlot {
+                    name,
+                    kind,
+                    served: OnceLock::new(),
+                })
+                .collect(),
             created: unix_now(),
             max_body_bytes,
         }
     }
 
-    fn serving(&self) -> Result<&Serving, ApiError> {
-        self.serving
-            .get()
-            .ok_or_else(|| ApiError::unavailable("the model is still loading".into()))
+    /// Makes a loaded model servable; false if `name` is unknown or already set.
+    pub fn install(&self, name: &str, served: Served) -> bool {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .is_some_and(|m| m.served.set(served).is_ok())
     }
 
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_name {
-            return Ok(());
+    /// The model a request names, of the kind its endpoint serves.
+    fn served(&self, name: &str, kind: ModelKind) -> Result<&Served, ApiError> {
+        let Some(slot) = self.models.iter().find(|m| m.name == name) else {
+            let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "The model `{name}` does not exist. Available models: {}",
+                    names.join(", ")
+                ),
+            )
+            .with_param(Some("model".into())));
+        };
+        if slot.kind != kind {
+            let what = match slot.kind {
+                ModelKind::Chat => "a chat model: use /v1/chat/completions",
+                ModelKind::Embedding => "an embedding model: use /v1/embeddings",
+            };
+            return Err(ApiError::bad_request(
+                "wrong_model_kind",
+                format!("The model `{name}` is {what}"),
+            )
+            .with_param(Some("model".into())));
         }
-        Err(ApiError::not_found(
-            "model_not_found",
-            format!(
-                "The model `{model}` does not exist. Available models: {}",
-                self.model_name
-            ),
-        )
-        .with_param(Some("model".into())))
+        slot.served
+            .get()
+            .ok_or_else(|| ApiError::unavailable(format!("the model `{name}` is still loading")))
+    }
+
+    fn chat(&self, name: &str) -> Result<&ChatServing, ApiError> {
+        match self.served(name, ModelKind::Chat)? {
+            Served::Chat(c) => Ok(c),
+            Served::Embed(_) => Err(ApiError::internal("model kind mismatch".into())),
+        }
+    }
+
+    fn embed(&self, name: &str) -> Result<&EmbedServing, ApiError> {
+        match self.served(name, ModelKind::Embedding)? {
+            Served::Embed(e) => Ok(e),
+            Served::Chat(_) => Err(ApiError::internal("model kind mismatch".into())),
+        }
     }
 }
 
@@ -85,6 +159,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
@@ -93,30 +168,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
-    let serving = state.serving()?;
-    Ok(Json(ModelList {
+/// Every configured model, loaded or not; `max_model_len` once loaded.
+async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "mmserve",
-            max_model_len: serving.validator.max_context,
-        }],
-    }))
+        data: state
+            .models
+            .iter()
+            .map(|m| ModelCard {
+                id: m.name.clone(),
+                object: "model",
+                created: state.created,
+                owned_by: "mmserve",
+                max_model_len: m.served.get().map(Served::max_model_len),
+            })
+            .collect(),
+    })
 }
 
-/// 200 when the engine thread answers; 503 while loading or once it died.
+/// 200 when every model has loaded and its engine thread answers; 503 while
+/// one is loading or once an engine died.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let Some(serving) = state.serving.get() else {
-        return ApiError::unavailable("the model is still loading".into()).into_response();
-    };
-    let ping = tokio::time::timeout(Duration::from_secs(10), serving.engine.ping());
-    match ping.await {
-        Ok(true) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
-        _ => ApiError::unavailable("the engine is not answering".into()).into_response(),
+    for m in &state.models {
+        let Some(served) = m.served.get() else {
+            return ApiError::unavailable(format!("the model `{}` is still loading", m.name))
+                .into_response();
+        };
+        let ping = tokio::time::timeout(Duration::from_secs(10), served.ping());
+        if !matches!(ping.await, Ok(true)) {
+            return ApiError::unavailable(format!("the engine of `{}` is not answering", m.name))
+                .into_response();
+        }
     }
+    (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -3,6 +3,7 @@
 //! an [`EngineHandle`]; each request gets its own event channel back.
 
 mod core;
+pub mod embed;
 pub mod sampling;
 pub mod scheduler;
 mod sequence;

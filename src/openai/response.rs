@@ -105,6 +105,7 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
-    /// vLLM's extension: the context length of the model.
-    pub max_model_len: usize,
+    /// vLLM's extension: the context length of the model, once it has loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
 }

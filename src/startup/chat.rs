@@ -1,17 +1,17 @@
-//! Start-up: loads a model directory into a running engine and a validator.
-//! The only library module allowed `anyhow`: failures here stop the process
-//! with a message that names the file at fault.
+//! Loading a chat (LLaVA-family) model directory into a running engine and a
+//! validator.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
-use crate::api::Serving;
-use crate::config::Config;
+use super::read_json;
+use crate::api::ChatServing;
+use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::model::LlavaModel;
 use crate::preprocess::ImageProcessor;
@@ -21,22 +21,15 @@ use crate::validate::params::SamplingDefaults;
 use crate::validate::{ValidationLimits, Validator};
 
 /// Loads everything and starts the engine thread.
-pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
-    let dir = cfg.model.path.as_path();
-    if !dir.join("config.json").is_file() {
-        bail!(
-            "{} is not a Hugging Face model directory: {} is missing",
-            dir.display(),
-            dir.join("config.json").display()
-        );
-    }
+pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()>)> {
+    let dir = m.path.as_path();
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let tokenizer = Arc::new(tokenizer);
     let template = ChatTemplate::from_model_dir(dir)?;
     let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
-    let model = LlavaModel::load(dir, cfg.model.dtype.candle(), &Device::Cpu)
+    let model = LlavaModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
 
     let image_token_id = model.image_token_id();
@@ -79,22 +72,12 @@ pub fn load(cfg: &Config) -> Result<(Serving, JoinHandle<()>)> {
         },
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
-    let serving = Serving {
+    let serving = ChatServing {
         validator: Arc::new(validator),
         engine,
         tokens,
     };
     Ok((serving, join))
-}
-
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v = serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
-    Ok(Some(v))
 }
 
 /// End-of-sequence ids: `generation_config.json`'s `eos_token_id` (an id or a

@@ -1,23 +1,13 @@
 //! Turns OpenAI chat messages into template messages, decoding and
 //! preprocessing each image on the way (this runs on a blocking thread).
 
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use base64::Engine as _;
 use candle_core::Tensor;
 
+use super::image::load_image;
 use super::ValidationError;
 use crate::openai::request::{ChatMessage, ContentPart, MessageContent};
-use crate::preprocess::{decode_image, ImageProcessor};
+use crate::preprocess::ImageProcessor;
 use crate::prompt::{ContentPart as Part, PromptMessage};
-
-/// Base64 as browsers and SDKs write it, padded or not.
-const BASE64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
-/// Image media types accepted in `data:` URLs.
-const IMAGE_TYPES: [&str; 5] = ["png", "jpeg", "jpg", "webp", "gif"];
 
 /// What the prompt needs from the request's messages.
 pub struct Converted {
@@ -132,53 +122,4 @@ fn check_text(text: &str, image_token: &str, param: String) -> Result<(), Valida
         });
     }
     Ok(())
-}
-
-fn bad_image(param: &str, message: String) -> ValidationError {
-    ValidationError::Invalid {
-        message,
-        param: Some(param.to_string()),
-        code: "invalid_image",
-    }
-}
-
-/// Decodes a `data:image/...;base64,` URL and preprocesses the image: (3, H, W).
-fn load_image(
-    url: &str,
-    processor: &ImageProcessor,
-    param: &str,
-) -> Result<Tensor, ValidationError> {
-    let Some(rest) = url.strip_prefix("data:") else {
-        return Err(ValidationError::Invalid {
-            message: "only `data:image/...;base64,` image URLs are supported; remote URLs are \
-                      not fetched"
-                .into(),
-            param: Some(param.to_string()),
-            code: "invalid_image_url",
-        });
-    };
-    let (meta, data) = rest
-        .split_once(',')
-        .ok_or_else(|| bad_image(param, "malformed data URL: no `,`".into()))?;
-    let media = meta
-        .strip_suffix(";base64")
-        .ok_or_else(|| bad_image(param, "the data URL must be base64-encoded".into()))?;
-    let subtype = media.strip_prefix("image/").unwrap_or("");
-    if !IMAGE_TYPES.contains(&subtype) {
-        return Err(bad_image(
-            param,
-            format!("unsupported image type `{media}`: use png, jpeg, webp or gif"),
-        ));
-    }
-    let bytes = BASE64
-        .decode(data.trim())
-        .map_err(|e| bad_image(param, format!("invalid base64 image data: {e}")))?;
-    let img = decode_image(&bytes).map_err(|e| bad_image(param, format!("invalid image: {e}")))?;
-    processor.preprocess(&img).map_err(|e| {
-        if e.is_client_error() {
-            bad_image(param, format!("invalid image: {e}"))
-        } else {
-            ValidationError::Internal(format!("image preprocessing failed: {e}"))
-        }
-    })
 }

@@ -3,6 +3,8 @@
 //! and preprocessed, the prompt rendered with the model's template, tokenized,
 //! image placeholders expanded, and every parameter range-checked.
 
+pub mod embed;
+mod image;
 mod messages;
 pub mod params;
 

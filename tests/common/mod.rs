@@ -8,7 +8,8 @@ use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use mmserve::api::{router, AppState};
-use mmserve::config::Config;
+use mmserve::config::{Config, ModelConfig};
+use mmserve::startup;
 use serde_json::Value;
 
 pub fn fixtures() -> PathBuf {
@@ -19,11 +20,13 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
 
-/// A config serving the fixture model `name` with small limits.
-pub fn config(name: &str) -> Config {
+/// A config serving the fixture models `names`.
+pub fn config(names: &[&str]) -> Config {
     let mut cfg = Config::load(None).expect("default config");
-    cfg.model.path = model_dir(name);
-    cfg.model.name = name.to_string();
+    cfg.models = names
+        .iter()
+        .map(|n| ModelConfig::new(model_dir(n)))
+        .collect();
     cfg.engine.max_num_seqs = 16;
     cfg
 }
@@ -39,9 +42,15 @@ pub fn start(cfg: Config) -> String {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let state = Arc::new(AppState::new(cfg.served_name(), cfg.server.max_body_bytes));
-            let (serving, _join) = mmserve::startup::load(&cfg).expect("model loads");
-            assert!(state.serving.set(serving).is_ok());
+            let mut slots = Vec::new();
+            for m in &cfg.models {
+                slots.push((m.served_name(), startup::model_kind(m).expect("kind")));
+            }
+            let state = Arc::new(AppState::new(slots.clone(), cfg.server.max_body_bytes));
+            for (m, (name, kind)) in cfg.models.iter().zip(slots) {
+                let (served, _join) = startup::load(&cfg, m, kind).expect("model loads");
+                assert!(state.install(&name, served));
+            }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -53,17 +62,19 @@ pub fn start(cfg: Config) -> String {
     rx.recv().expect("server started")
 }
 
-/// One server per fixture model per test binary.
-pub fn server(name: &'static str) -> &'static str {
-    static CLIP: OnceLock<String> = OnceLock::new();
-    static SIGLIP: OnceLock<String> = OnceLock::new();
-    let cell = match name {
-        "llava-clip-llama" => &CLIP,
-        "llava-siglip-qwen2" => &SIGLIP,
-        other => panic!("unknown fixture model {other}"),
-    };
-    cell.get_or_init(|| start(config(name)))
+/// One server per test binary, serving every fixture model.
+pub fn server(_name: &'static str) -> &'static str {
+    static SERVER: OnceLock<String> = OnceLock::new();
+    SERVER.get_or_init(|| start(config(&ALL_MODELS)))
 }
+
+/// Every fixture model, chat and embedding.
+pub const ALL_MODELS: [&str; 4] = [
+    "llava-clip-llama",
+    "llava-siglip-qwen2",
+    "clip-tiny",
+    "siglip-tiny",
+];
 
 pub fn data_url(file: &str) -> String {
     let path = fixtures().join("images").join(file);

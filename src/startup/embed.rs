@@ -1,0 +1,41 @@
+//! Loading a contrastive embedding model (CLIP, SigLIP) directory into a
+//! running embedding engine and a validator.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::api::EmbedServing;
+use crate::config::{Config, ModelConfig};
+use crate::engine::embed::EmbedHandle;
+use crate::model::embed::EmbeddingModel;
+use crate::preprocess::ImageProcessor;
+use crate::validate::embed::EmbedValidator;
+
+pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<()>)> {
+    let dir = m.path.as_path();
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    let model = EmbeddingModel::load(dir, m.dtype.candle(), &Device::Cpu)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let validator = EmbedValidator {
+        tokenizer: Arc::new(tokenizer),
+        processor,
+        max_text_len: model.max_text_len(),
+        padding: model.text_padding(),
+        dim: model.dim(),
+        max_inputs: cfg.limits.max_embedding_inputs,
+    };
+    let (engine, join) = EmbedHandle::spawn(model, cfg.engine.max_embedding_batch)
+        .context("cannot start the embedding engine thread")?;
+    let serving = EmbedServing {
+        validator: Arc::new(validator),
+        engine,
+    };
+    Ok((serving, join))
+}

@@ -1,0 +1,71 @@
+//! Start-up: turns the configured model directories into running engines.
+//! The only library module allowed `anyhow`: failures here stop the process
+//! with a message that names the file at fault.
+
+mod chat;
+mod embed;
+
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+
+use crate::api::Served;
+use crate::config::{Config, KindSetting, ModelConfig, ModelKind};
+
+/// What a model directory serves: from the configured kind, else from
+/// `config.json`'s `model_type`.
+pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
+    let path = m.path.join("config.json");
+    let Some(json) = read_json(&path)? else {
+        bail!(
+            "{} is not a Hugging Face model directory: {} is missing",
+            m.path.display(),
+            path.display()
+        );
+    };
+    let model_type = json["model_type"].as_str().unwrap_or("");
+    let detected = match model_type {
+        "llava" => Some(ModelKind::Chat),
+        "clip" | "siglip" => Some(ModelKind::Embedding),
+        _ => None,
+    };
+    match (m.kind, detected) {
+        (KindSetting::Auto, Some(kind)) => Ok(kind),
+        (KindSetting::Auto, None) => bail!(
+            "unsupported model_type `{model_type}` in {}: mmserve serves llava (chat), clip and \
+             siglip (embedding)",
+            path.display()
+        ),
+        (KindSetting::Chat, Some(ModelKind::Chat)) => Ok(ModelKind::Chat),
+        (KindSetting::Embedding, Some(ModelKind::Embedding)) => Ok(ModelKind::Embedding),
+        (set, _) => bail!(
+            "{} is configured as kind {set:?} but its model_type is `{model_type}`",
+            m.path.display()
+        ),
+    }
+}
+
+/// Loads one model of a known kind and starts its engine thread.
+pub fn load(cfg: &Config, m: &ModelConfig, kind: ModelKind) -> Result<(Served, JoinHandle<()>)> {
+    Ok(match kind {
+        ModelKind::Chat => {
+            let (s, j) = chat::load(cfg, m)?;
+            (Served::Chat(s), j)
+        }
+        ModelKind::Embedding => {
+            let (s, j) = embed::load(cfg, m)?;
+            (Served::Embed(s), j)
+        }
+    })
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v = serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    Ok(Some(v))
+}
