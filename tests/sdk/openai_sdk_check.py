@@ -1,14 +1,15 @@
 """Checks mmserve with the official `openai` Python SDK.
 
-Usage: python tests/sdk/openai_sdk_check.py BASE_URL MODEL IMAGE_FILE
-Run by .ci/run against a running server. Exits non-zero on the first failure.
+Usage: python tests/sdk/openai_sdk_check.py BASE_URL CHAT_MODEL EMBED_MODEL IMAGE_FILE
+Run by .ci/run against a server serving both models. Exits non-zero on the
+first failure.
 """
 import base64
 import sys
 
 import openai
 
-base_url, model, image_file = sys.argv[1], sys.argv[2], sys.argv[3]
+base_url, model, embed_model, image_file = sys.argv[1:5]
 client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
 
 with open(image_file, "rb") as f:
@@ -22,7 +23,7 @@ messages = [{
 }]
 
 models = client.models.list()
-assert [m.id for m in models.data] == [model], models
+assert [m.id for m in models.data] == [model, embed_model], models
 
 done = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
 text = done.choices[0].message.content
@@ -61,4 +62,25 @@ try:
 except openai.BadRequestError as e:
     assert e.param == "temperature", (e.param, e.body)
 
-print(f"openai SDK {openai.__version__}: 6 passed, 0 failed")
+# Embeddings: the SDK asks for base64 by default and decodes it itself.
+texts = ["a photo of a cat", "a bike"]
+b64 = client.embeddings.create(model=embed_model, input=texts)
+flt = client.embeddings.create(model=embed_model, input=texts, encoding_format="float")
+assert [d.index for d in b64.data] == [0, 1], b64
+for a, b in zip(b64.data, flt.data):
+    assert len(a.embedding) == len(b.embedding) > 0
+    assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding)) < 1e-6
+    assert abs(sum(x * x for x in a.embedding) - 1.0) < 1e-4, "vectors are L2-normalised"
+assert b64.usage.prompt_tokens > 0
+
+# Images go in through extra_body, mixed with text, in order.
+mixed = client.embeddings.create(
+    model=embed_model, input="unused",
+    extra_body={"input": [{"type": "image_url", "image_url": {"url": data_url}}, texts[0]]},
+    encoding_format="float",
+)
+assert len(mixed.data) == 2, mixed
+assert max(abs(x - y) for x, y in zip(mixed.data[1].embedding, flt.data[0].embedding)) < 1e-5
+assert [d.index for d in mixed.data] == [0, 1], mixed
+
+print(f"openai SDK {openai.__version__}: 8 passed, 0 failed")
