@@ -311,6 +311,18 @@ mod tests {
     }
 
     #[test]
+    fn junk_before_the_final_marker_is_tolerated_like_pillow() {
+        // Pillow decodes this (some cameras write it) to the same pixels as the clean file.
+        let clean = photo("preprocess/inputs/jpeg/baseline_420.jpg");
+        let n = clean.len();
+        let mut junk = clean[..n - 2].to_vec();
+        junk.extend_from_slice(&[0x00, 0x11, 0x22]);
+        junk.extend_from_slice(&clean[n - 2..]);
+        let want = decode_image(&clean).unwrap();
+        assert_eq!(decode_image(&junk).unwrap(), want);
+    }
+
+    #[test]
     fn huge_jpeg_is_rejected_from_its_header() {
         // Patch the SOF0 of a small baseline JPEG to claim 60000 x 60000 (10.8 GB of RGB).
         let mut bytes = photo("preprocess/inputs/jpeg/baseline_420.jpg");
