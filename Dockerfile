@@ -1,6 +1,9 @@
 # mmserve container: build in the Rust image, run in slim Debian as non-root.
 # Models are mounted at /models: docker run -v /path/to/model:/models/model ...
 FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends pkg-config libturbojpeg0-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -9,7 +12,7 @@ RUN cargo build --release --locked --bin mmserve
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libturbojpeg0 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 mmserve
 COPY --from=build /src/target/release/mmserve /usr/local/bin/mmserve

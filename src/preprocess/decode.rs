@@ -3,15 +3,19 @@
 //! animated GIF or WebP yields its first frame, and the EXIF orientation is applied
 //! (`PIL.ImageOps.exif_transpose`). Alpha is kept; `rgb` decides what to do with it.
 //!
-//! Known gaps versus Pillow: Pillow also reads an orientation from XMP (`tiff:Orientation`) when
-//! there is no EXIF one, and libjpeg-turbo's IDCT/upsampling differ from the `image` crate's JPEG
-//! decoder by a few uint8 levels on some pixels (see the reference tests).
+//! JPEG pixels come from libjpeg-turbo, as in Pillow (see `jpeg`), so they are bit-identical to
+//! Pillow's; the `image` crate only reads the JPEG's EXIF orientation. Other formats are decoded
+//! by the `image` crate.
+//!
+//! Known gap versus Pillow: Pillow also reads an orientation from XMP (`tiff:Orientation`) when
+//! there is no EXIF one.
 
 use std::io::Cursor;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 
-use super::PreprocessError;
+use super::{jpeg, PreprocessError};
 
 /// Largest decoded buffer we accept, in bytes (the `image` crate's default limit). An RGB8 image
 /// of 178 megapixels (Pillow's own decompression-bomb error threshold) needs about this much.
@@ -61,6 +65,9 @@ fn map_image_error(format: ImageFormat, err: ImageError) -> PreprocessError {
 /// truncated or corrupt data, `ImageTooLarge` past the decoder memory limit. Never panics.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
     let format = sniff_format(bytes)?;
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes);
+    }
     let mut reader = ImageReader::new(Cursor::new(bytes));
     reader.set_format(format);
     let mut limits = Limits::default();
@@ -78,9 +85,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
         )));
     }
     // A malformed EXIF block is ignored, as Pillow's exif_transpose does.
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(format, e))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(PreprocessError::InvalidImage(
@@ -88,6 +93,34 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
         ));
     }
     img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// The EXIF orientation of a JPEG, read by the `image` crate's decoder from the headers only (no
+/// pixel decoding). Anything it cannot parse counts as no orientation, as a malformed EXIF block
+/// is ignored by Pillow's `exif_transpose`.
+fn jpeg_orientation(bytes: &[u8]) -> Orientation {
+    let mut reader = ImageReader::new(Cursor::new(bytes));
+    reader.set_format(ImageFormat::Jpeg);
+    reader
+        .into_decoder()
+        .ok()
+        .and_then(|mut d| d.orientation().ok())
+        .unwrap_or(Orientation::NoTransforms)
+}
+
+/// JPEG: libjpeg-turbo pixels (bit-identical to Pillow's), then the EXIF orientation.
+fn decode_jpeg(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+    let header = jpeg::read_header(bytes)?;
+    let needed = header.decoded_bytes();
+    if needed > MAX_DECODED_BYTES {
+        return Err(PreprocessError::ImageTooLarge(format!(
+            "{}x{} pixels need {needed} bytes decoded (limit {MAX_DECODED_BYTES})",
+            header.width, header.height
+        )));
+    }
+    let mut img = jpeg::decode_pixels(bytes, &header)?;
+    img.apply_orientation(jpeg_orientation(bytes));
     Ok(img)
 }
 
@@ -234,6 +267,80 @@ mod tests {
         let err = decode_image(&png).unwrap_err();
         assert!(matches!(err, PreprocessError::ImageTooLarge(_)), "{err}");
         assert!(err.is_client_error());
+    }
+
+    fn photo(name: &str) -> Vec<u8> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        std::fs::read(dir.join(name)).unwrap()
+    }
+
+    #[test]
+    fn truncated_or_corrupt_jpegs_are_invalid_not_panics() {
+        // Pillow raises on a truncated JPEG; libjpeg-turbo's "premature end" warning is an error.
+        for name in [
+            "images/bike.jpg",
+            "preprocess/inputs/jpeg/progressive_420.jpg",
+        ] {
+            let bytes = photo(name);
+            for cut in [
+                bytes.len() - 2,
+                bytes.len() * 3 / 4,
+                bytes.len() / 2,
+                300,
+                4,
+            ] {
+                let err = decode_image(&bytes[..cut]).unwrap_err();
+                assert!(
+                    matches!(err, PreprocessError::InvalidImage(_)),
+                    "{name} cut at {cut}: {err}"
+                );
+            }
+            // Garbled entropy data after the headers: an error or some pixels, never a panic.
+            let mut garbled = bytes.clone();
+            let n = garbled.len();
+            for b in garbled[n / 2..n - 2].iter_mut() {
+                *b ^= 0x5A;
+            }
+            if let Err(err) = decode_image(&garbled) {
+                assert!(
+                    matches!(err, PreprocessError::InvalidImage(_)),
+                    "{name}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn junk_before_the_final_marker_is_tolerated_like_pillow() {
+        // Pillow decodes this (some cameras write it) to the same pixels as the clean file.
+        let clean = photo("preprocess/inputs/jpeg/baseline_420.jpg");
+        let n = clean.len();
+        let mut junk = clean[..n - 2].to_vec();
+        junk.extend_from_slice(&[0x00, 0x11, 0x22]);
+        junk.extend_from_slice(&clean[n - 2..]);
+        let want = decode_image(&clean).unwrap();
+        assert_eq!(decode_image(&junk).unwrap(), want);
+    }
+
+    #[test]
+    fn huge_jpeg_is_rejected_from_its_header() {
+        // Patch the SOF0 of a small baseline JPEG to claim 60000 x 60000 (10.8 GB of RGB).
+        let mut bytes = photo("preprocess/inputs/jpeg/baseline_420.jpg");
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        bytes[sof + 5..sof + 7].copy_from_slice(&60_000u16.to_be_bytes());
+        bytes[sof + 7..sof + 9].copy_from_slice(&60_000u16.to_be_bytes());
+        let err = decode_image(&bytes).unwrap_err();
+        assert!(matches!(err, PreprocessError::ImageTooLarge(_)), "{err}");
+    }
+
+    #[test]
+    fn grayscale_jpeg_stays_luma_and_orientation_applies() {
+        let gray = decode_image(&photo("preprocess/inputs/jpeg/gray.jpg")).unwrap();
+        assert!(matches!(gray, DynamicImage::ImageLuma8(_)));
+        assert_eq!((gray.width(), gray.height()), (45, 31));
+        // Stored 48 x 32 with EXIF Orientation 6 (rotate 90 degrees clockwise).
+        let rotated = decode_image(&photo("preprocess/inputs/exif_rotated.jpg")).unwrap();
+        assert_eq!((rotated.width(), rotated.height()), (32, 48));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 mod config;
 mod decode;
+mod jpeg;
 mod processor;
 mod resample;
 mod rgb;
