@@ -55,7 +55,7 @@ impl VisionConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    fn parse(s: &Section<'_>) -> Result<Self, ModelError> {
+    pub(crate) fn parse(s: &Section<'_>) -> Result<Self, ModelError> {
         let kind = match s.str_or("model_type", "clip_vision_model")? {
             "clip_vision_model" => VisionKind::Clip,
             "siglip_vision_model" => VisionKind::Siglip,

@@ -18,6 +18,7 @@ mod attention;
 mod batch;
 mod config;
 mod decoder;
+pub mod embed;
 mod error;
 mod json;
 mod kv_cache;
