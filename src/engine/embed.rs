@@ -2,7 +2,7 @@
 //! SigLIP) and encodes the inputs of every waiting request together — texts in
 //! one batch, images in another — then hands each request its vectors.
 
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc::{self, Receiver};
 use std::thread::JoinHandle;
 
 use candle_core::Tensor;
@@ -76,10 +76,7 @@ fn run(model: &EmbeddingModel, max_batch: usize, rx: &Receiver<Command>) {
                 }
                 Command::Embed(job) => jobs.push(job),
             }
-            next = match rx.try_recv() {
-                Ok(cmd) => Some(cmd),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-            };
+            next = rx.try_recv().ok();
         }
         // A client that went away is not computed for.
         jobs.retain(|j| !j.reply.is_closed());
