@@ -73,17 +73,37 @@ def make_resize_inputs(rng) -> dict:
         "line_1x40.png": Image.fromarray(rng.integers(0, 256, (40, 1, 3), dtype=np.uint8)),
         "row_57x1.png": Image.fromarray(rng.integers(0, 256, (1, 57, 3), dtype=np.uint8)),
         "dot_1x1.png": Image.new("RGB", (1, 1), (250, 7, 128)),
+        # Own generator, so adding it leaves the other inputs unchanged.
+        "portrait_40x64.png": Image.fromarray(
+            np.random.default_rng(4064).integers(0, 256, (64, 40, 3), dtype=np.uint8)
+        ),
     }
     for name, im in inputs.items():
         im.save(INPUTS / name)
     return inputs
 
 
+# Pillow 13 runs the vertical pass first iff out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+# (python-pillow/Pillow#9549). Sizes on both sides of that boundary, per input; the tie
+# (in_h - out_h == 2 * (in_w - out_w)) goes horizontal first.
+PASS_ORDER_SIZES = {
+    "pattern_37x23.png": [(29, 5), (28, 5), (36, 20), (35, 20)],
+    "photo_96x64.png": [(70, 10), (69, 10), (95, 61), (94, 61), (50, 20)],
+    "portrait_40x64.png": [
+        (32, 32),  # the SigLIP exif_image case: vertical first
+        (19, 20), (18, 20),  # both shrink, just past and at the boundary
+        (60, 32),  # wider and shorter: vertical first
+        (20, 128), (80, 128), (48, 70),  # taller: horizontal first
+        (39, 61), (39, 62),
+    ],
+}
+
+
 def resize_cases(inputs: dict) -> list:
     cases = []
     for name, im in inputs.items():
         w, h = im.size
-        sizes = {
+        sizes = set(PASS_ORDER_SIZES.get(name, [])) | {
             (w * 3, h * 2),  # integer upscale
             (max(1, w // 3), max(1, h // 2)),  # integer downscale
             (max(1, w * 5 // 7), max(1, h * 7 // 5)),  # non-integer, mixed directions

@@ -4,10 +4,11 @@
 //! convolution. Per output pixel the filter support is scaled by the downscale factor, the weights
 //! are normalized to sum 1, converted to fixed point with 22 fractional bits, and each pass rounds
 //! and clips to uint8. A pass whose size does not change is skipped. The horizontal pass runs
-//! first (over only the input rows the vertical pass will read), except that Pillow 13 runs the
-//! vertical pass first when it shrinks the image while the horizontal pass enlarges it; this was
-//! established by testing against Pillow 13.0.0, the reference here (the older Pillow sources we
-//! could read always go horizontal first, which changes some outputs by 1 level in that case). `Nearest` follows
+//! first (over only the input rows the vertical pass will read), except that Pillow 13
+//! (python-pillow/Pillow#9549) runs the vertical pass first when the height shrinks by more than
+//! twice as many pixels as the width does (`in_h - out_h > 2 * (in_w - out_w)`, `out_h < in_h`).
+//! The order moves some outputs by one level; the rule was established against Pillow 13.0.0, the
+//! reference here (older Pillow always goes horizontal first). `Nearest` follows
 //! `ImagingScaleAffine` (libImaging/Geometry.c): source coordinates accumulated in f64 from the
 //! pixel centers, then truncated.
 //!
