@@ -7,6 +7,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use mmserve::api::Served;
 use mmserve::config::ModelKind;
+use mmserve::model::ImageInput;
 use mmserve::openai::request::ChatCompletionRequest;
 use mmserve::startup;
 
@@ -53,7 +54,14 @@ fn prompt_ids_and_pixels_match_the_processor() {
                 );
                 continue;
             };
-            let got = Tensor::stack(&valid.images, 0).expect("stack");
+            let pixels: Vec<&Tensor> = valid
+                .images
+                .iter()
+                .map(|i| match i {
+                    ImageInput::Pixels(t) => t,
+                })
+                .collect();
+            let got = Tensor::stack(&pixels, 0).expect("stack");
             assert_eq!(got.dims(), expected.dims(), "{model}/{name}: pixel shape");
             let diff = (got - expected)
                 .and_then(|d| d.abs())

@@ -12,12 +12,13 @@ use tokenizers::Tokenizer;
 use super::scheduler::{self, SchedulerConfig};
 use super::sequence::{Progress, Sequence, TextTools};
 use super::{Command, EngineError};
-use crate::model::{KvCache, LlavaModel, SeqInput};
+use crate::model::ImageInput;
+use crate::model::{ChatCache, ChatModel, SeqInput};
 use crate::text::TokenTable;
 
 /// What the engine is built from.
 pub struct EngineParts {
-    pub model: LlavaModel,
+    pub model: ChatModel,
     pub tokenizer: Arc<Tokenizer>,
     /// Token bytes, for the incremental detokenizer.
     pub tokens: Arc<TokenTable>,
@@ -28,8 +29,8 @@ pub struct EngineParts {
 
 /// State owned by the engine thread alone.
 pub struct EngineCore {
-    model: LlavaModel,
-    cache: KvCache,
+    model: ChatModel,
+    cache: ChatCache,
     tokenizer: Arc<Tokenizer>,
     tokens: Arc<TokenTable>,
     eos: Vec<u32>,
@@ -140,10 +141,10 @@ impl EngineCore {
     }
 
     /// Encodes the admitted sequences' images together; returns each admitted
-    /// sequence's image rows (n_images * tokens_per_image, hidden), if any.
+    /// sequence's image rows (its image tokens, hidden), if any.
     fn encode_images(&self, admitted: &mut [Sequence]) -> Result<Vec<Option<Tensor>>, EngineError> {
         let counts: Vec<usize> = admitted.iter().map(|s| s.images.len()).collect();
-        let images: Vec<Tensor> = admitted
+        let images: Vec<ImageInput> = admitted
             .iter_mut()
             .flat_map(|s| std::mem::take(&mut s.images))
             .collect();
@@ -151,28 +152,23 @@ impl EngineCore {
             return Ok(vec![None; admitted.len()]);
         }
         let err = |e: String| EngineError::Model(e);
-        // (N, 3, H, W)
-        let pixels = Tensor::stack(&images, 0).map_err(|e| err(e.to_string()))?;
-        // (N, tokens_per_image, hidden)
-        let feats = self
+        let refs: Vec<&ImageInput> = images.iter().collect();
+        // One (tokens_i, hidden) tensor per image, in order.
+        let mut rows = self
             .model
-            .encode_images(&pixels)
-            .map_err(|e| err(e.to_string()))?;
-        let hidden = feats.dim(2).map_err(|e| err(e.to_string()))?;
+            .encode_images(&refs)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter();
         let mut out = Vec::with_capacity(counts.len());
-        let mut start = 0;
         for n in counts {
             if n == 0 {
                 out.push(None);
                 continue;
             }
-            // (n * tokens_per_image, hidden)
-            let rows = feats
-                .narrow(0, start, n)
-                .and_then(|t| t.reshape(((), hidden)))
-                .map_err(|e| err(e.to_string()))?;
-            out.push(Some(rows));
-            start += n;
+            let mine: Vec<Tensor> = rows.by_ref().take(n).collect();
+            // (sum of tokens_i, hidden)
+            let cat = Tensor::cat(&mine, 0).map_err(|e| err(e.to_string()))?;
+            out.push(Some(cat));
         }
         Ok(out)
     }

@@ -11,7 +11,7 @@ mod sequence;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use candle_core::Tensor;
+use crate::model::ImageInput;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 pub use self::core::{EngineCore, EngineParts};
@@ -22,8 +22,8 @@ pub use scheduler::SchedulerConfig;
 pub struct EngineRequest {
     /// Prompt ids with every image placeholder expanded to its feature rows.
     pub prompt_ids: Vec<u32>,
-    /// Preprocessed images in prompt order, each (3, H, W) f32.
-    pub images: Vec<Tensor>,
+    /// Preprocessed images in prompt order.
+    pub images: Vec<ImageInput>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,

@@ -1,7 +1,7 @@
 //! One generating sequence: its tokens, sampler, incremental detokenizer, stop
 //! matcher and the channel its events go back on.
 
-use candle_core::Tensor;
+use crate::model::ImageInput;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -14,8 +14,8 @@ pub struct Sequence {
     pub id: u64,
     /// Prompt token ids, image placeholders already expanded.
     pub prompt: Vec<u32>,
-    /// Preprocessed images still to be encoded, each (3, H, W); emptied at prefill.
-    pub images: Vec<Tensor>,
+    /// Preprocessed images still to be encoded; emptied at prefill.
+    pub images: Vec<ImageInput>,
     /// Generated token ids.
     pub output: Vec<u32>,
     /// Tokens already in the KV cache.

@@ -13,11 +13,12 @@ use super::read_json;
 use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
-use crate::model::LlavaModel;
+use crate::model::ChatModel;
 use crate::preprocess::ImageProcessor;
 use crate::prompt::ChatTemplate;
 use crate::text::TokenTable;
 use crate::validate::params::SamplingDefaults;
+use crate::validate::vision::VisionPrep;
 use crate::validate::{ValidationLimits, Validator};
 
 /// Loads everything and starts the engine thread.
@@ -28,9 +29,9 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let tokenizer = Arc::new(tokenizer);
     let template = ChatTemplate::from_model_dir(dir)?;
-    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
-    let model = LlavaModel::load(dir, m.dtype.candle(), &Device::Cpu)
+    let model = ChatModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let vision = vision_prep(dir, &model)?;
 
     let image_token_id = model.image_token_id();
     let image_token = tokenizer.id_to_token(image_token_id).with_context(|| {
@@ -47,11 +48,10 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
     let validator = Validator {
         tokenizer: Arc::clone(&tokenizer),
         template,
-        processor,
+        vision,
         image_token,
         image_token_id,
         bos_token,
-        tokens_per_image: model.tokens_per_image(),
         max_context: model.max_context(),
         limits: ValidationLimits {
             max_images_per_request: cfg.limits.max_images_per_request,
@@ -105,4 +105,15 @@ fn eos_ids(dir: &Path, tok: &Tokenizer, eos_token: Option<&str>) -> Result<Vec<u
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
+}
+
+/// The model family's image preparation, from `preprocessor_config.json`.
+fn vision_prep(dir: &Path, model: &ChatModel) -> Result<VisionPrep> {
+    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    Ok(match model {
+        ChatModel::Llava(m) => VisionPrep::Fixed {
+            processor,
+            tokens_per_image: m.tokens_per_image(),
+        },
+    })
 }

@@ -6,7 +6,9 @@ use base64::Engine as _;
 use candle_core::Tensor;
 
 use super::ValidationError;
-use crate::preprocess::{decode_image, ImageProcessor};
+use image::DynamicImage;
+
+use crate::preprocess::{decode_image, ImageProcessor, PreprocessError};
 
 /// Base64 as browsers and SDKs write it, padded or not.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -31,6 +33,23 @@ pub fn load_image(
     processor: &ImageProcessor,
     param: &str,
 ) -> Result<Tensor, ValidationError> {
+    let img = decode_data_url(url, param)?;
+    processor
+        .preprocess(&img)
+        .map_err(|e| preprocess_error(e, param))
+}
+
+/// A preprocessing failure: the client's image (400) or our fault (500).
+pub fn preprocess_error(e: PreprocessError, param: &str) -> ValidationError {
+    if e.is_client_error() {
+        bad_image(param, format!("invalid image: {e}"))
+    } else {
+        ValidationError::Internal(format!("image preprocessing failed: {e}"))
+    }
+}
+
+/// Decodes a `data:image/...;base64,` URL into an image.
+pub fn decode_data_url(url: &str, param: &str) -> Result<DynamicImage, ValidationError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ValidationError::Invalid {
             message: "only `data:image/...;base64,` image URLs are supported; remote URLs are \
@@ -56,12 +75,5 @@ pub fn load_image(
     let bytes = BASE64
         .decode(data.trim())
         .map_err(|e| bad_image(param, format!("invalid base64 image data: {e}")))?;
-    let img = decode_image(&bytes).map_err(|e| bad_image(param, format!("invalid image: {e}")))?;
-    processor.preprocess(&img).map_err(|e| {
-        if e.is_client_error() {
-            bad_image(param, format!("invalid image: {e}"))
-        } else {
-            ValidationError::Internal(format!("image preprocessing failed: {e}"))
-        }
-    })
+    decode_image(&bytes).map_err(|e| bad_image(param, format!("invalid image: {e}")))
 }

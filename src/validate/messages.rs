@@ -1,19 +1,17 @@
 //! Turns OpenAI chat messages into template messages, decoding and
 //! preprocessing each image on the way (this runs on a blocking thread).
 
-use candle_core::Tensor;
-
-use super::image::load_image;
+use super::image::decode_data_url;
+use super::vision::{Prepared, VisionPrep};
 use super::ValidationError;
 use crate::openai::request::{ChatMessage, ContentPart, MessageContent};
-use crate::preprocess::ImageProcessor;
 use crate::prompt::{ContentPart as Part, PromptMessage};
 
 /// What the prompt needs from the request's messages.
 pub struct Converted {
     pub messages: Vec<PromptMessage>,
-    /// Preprocessed images in prompt order, each (3, H, W).
-    pub images: Vec<Tensor>,
+    /// Prepared images in prompt order.
+    pub images: Vec<Prepared>,
 }
 
 /// Checks roles, refuses text that spells the image placeholder, and decodes
@@ -21,7 +19,7 @@ pub struct Converted {
 pub fn convert(
     messages: &[ChatMessage],
     image_token: &str,
-    processor: &ImageProcessor,
+    vision: &VisionPrep,
     max_images: usize,
 ) -> Result<Converted, ValidationError> {
     if messages.is_empty() {
@@ -45,21 +43,17 @@ pub fn convert(
             Some(MessageContent::Parts(parts)) => {
                 let mut v = Vec::with_capacity(parts.len());
                 for (j, part) in parts.iter().enumerate() {
-                    v.push(convert_part(
-                        part,
-                        i,
-                        j,
-                        image_token,
-                        processor,
-                        &mut out.images,
-                    )?);
-                    if out.images.len() > max_images {
+                    // Refuse the image before decoding it.
+                    let is_image = matches!(part, ContentPart::ImageUrl { .. });
+                    if is_image && out.images.len() >= max_images {
                         return Err(ValidationError::Invalid {
                             message: format!("at most {max_images} images are allowed per request"),
                             param: Some(format!("messages[{i}].content[{j}]")),
                             code: "too_many_images",
                         });
                     }
+                    let part = convert_part(part, i, j, image_token, vision, &mut out.images)?;
+                    v.push(part);
                 }
                 v
             }
@@ -89,8 +83,8 @@ fn convert_part(
     i: usize,
     j: usize,
     image_token: &str,
-    processor: &ImageProcessor,
-    images: &mut Vec<Tensor>,
+    vision: &VisionPrep,
+    images: &mut Vec<Prepared>,
 ) -> Result<Part, ValidationError> {
     match part {
         ContentPart::Text { text } => {
@@ -103,7 +97,8 @@ fn convert_part(
         }
         ContentPart::ImageUrl { image_url } => {
             let param = format!("messages[{i}].content[{j}].image_url");
-            images.push(load_image(&image_url.url, processor, &param)?);
+            let img = decode_data_url(&image_url.url, &param)?;
+            images.push(vision.prepare(&img, &param)?);
             Ok(Part::Image)
         }
     }

@@ -7,15 +7,15 @@ pub mod embed;
 mod image;
 mod messages;
 pub mod params;
+pub mod vision;
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::engine::sampling::SamplingParams;
+use crate::model::ImageInput;
 use crate::openai::request::ChatCompletionRequest;
-use crate::preprocess::ImageProcessor;
 use crate::prompt::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,8 @@ pub struct ValidationLimits {
 pub struct Validator {
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
-    pub processor: ImageProcessor,
+    /// How this model's family prepares images.
+    pub vision: vision::VisionPrep,
     /// The placeholder string the template writes for an image, e.g. `<image>`.
     pub image_token: String,
     pub image_token_id: u32,
@@ -66,8 +67,6 @@ pub struct Validator {
     /// tokenizer adds no special tokens of its own, else it does (the rule of
     /// transformers' `ProcessorMixin.apply_chat_template`).
     pub bos_token: Option<String>,
-    /// Placeholder copies per image (the vision tower's feature rows).
-    pub tokens_per_image: usize,
     /// Context length in tokens.
     pub max_context: usize,
     pub limits: ValidationLimits,
@@ -78,8 +77,8 @@ pub struct Validator {
 /// A request the engine can run: one entry in `choices` per `n`.
 pub struct ValidChatRequest {
     pub prompt_ids: Vec<u32>,
-    /// Preprocessed images in prompt order, each (3, H, W).
-    pub images: Vec<Tensor>,
+    /// Prepared images in prompt order.
+    pub images: Vec<ImageInput>,
     /// Sampling per choice (they differ only by seed).
     pub choices: Vec<SamplingParams>,
     pub max_tokens: usize,
@@ -100,10 +99,11 @@ impl Validator {
         let conv = messages::convert(
             &req.messages,
             &self.image_token,
-            &self.processor,
+            &self.vision,
             self.limits.max_images_per_request,
         )?;
-        let prompt_ids = self.prompt_ids(&conv.messages, conv.images.len())?;
+        let counts: Vec<usize> = conv.images.iter().map(|p| p.tokens).collect();
+        let prompt_ids = self.prompt_ids(&conv.messages, &counts)?;
         let max_tokens = params::max_tokens(
             req,
             prompt_ids.len(),
@@ -119,7 +119,7 @@ impl Validator {
             .collect();
         Ok(ValidChatRequest {
             prompt_ids,
-            images: conv.images,
+            images: conv.images.into_iter().map(|p| p.input).collect(),
             choices,
             max_tokens,
             stop,
@@ -136,8 +136,9 @@ impl Validator {
     fn prompt_ids(
         &self,
         messages: &[crate::prompt::PromptMessage],
-        num_images: usize,
+        image_tokens: &[usize],
     ) -> Result<Vec<u32>, ValidationError> {
+        let num_images = image_tokens.len();
         let text = self
             .template
             .render(messages, true, &self.image_token)
@@ -174,17 +175,20 @@ impl Validator {
         Ok(expand_images(
             enc.get_ids(),
             self.image_token_id,
-            self.tokens_per_image,
+            image_tokens,
         ))
     }
 }
 
-/// Repeats each image placeholder id to the number of feature rows it stands for.
-pub fn expand_images(ids: &[u32], image_id: u32, per_image: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(ids.len() + per_image);
+/// Repeats the i-th image placeholder id to the number of feature rows image i
+/// stands for (the caller checked there is one count per placeholder).
+pub fn expand_images(ids: &[u32], image_id: u32, counts: &[usize]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
+    let mut counts = counts.iter();
     for &id in ids {
         if id == image_id {
-            out.extend(std::iter::repeat_n(image_id, per_image));
+            let n = counts.next().copied().unwrap_or(1);
+            out.extend(std::iter::repeat_n(image_id, n));
         } else {
             out.push(id);
         }
@@ -198,7 +202,10 @@ mod tests {
 
     #[test]
     fn each_placeholder_becomes_its_feature_rows() {
-        assert_eq!(expand_images(&[1, 9, 2, 9], 9, 3), [1, 9, 9, 9, 2, 9, 9, 9]);
-        assert_eq!(expand_images(&[1, 2], 9, 3), [1, 2]);
+        assert_eq!(
+            expand_images(&[1, 9, 2, 9], 9, &[3, 2]),
+            [1, 9, 9, 9, 2, 9, 9]
+        );
+        assert_eq!(expand_images(&[1, 2], 9, &[]), [1, 2]);
     }
 }
