@@ -10,6 +10,7 @@
 //! - `resample`: Pillow's `Image.resize` (ImagingResample / nearest affine), bit-exact on uint8.
 //! - `config`: parsing and validating `preprocessor_config.json`.
 //! - `processor`: the pipeline itself.
+//! - `vlm`: the dynamic-resolution processors of Qwen2-VL and Idefics3 / SmolVLM.
 
 mod config;
 mod decode;
@@ -17,6 +18,7 @@ mod jpeg;
 mod processor;
 mod resample;
 mod rgb;
+mod vlm;
 
 #[cfg(test)]
 mod reference_tests;
@@ -25,6 +27,10 @@ pub use config::ImageProcessor;
 pub use decode::decode_image;
 pub use resample::{resize_rgb8, resize_rgb8_window, Resample, Window};
 pub use rgb::to_rgb8_like_pil;
+pub use vlm::{
+    image_prompt_string, smart_resize, Idefics3Image, Idefics3ImageProcessor, Idefics3ImageTokens,
+    Qwen2VlImage, Qwen2VlImageProcessor,
+};
 
 /// Everything that can go wrong between uploaded bytes and `pixel_values`.
 #[derive(Debug, thiserror::Error)]
