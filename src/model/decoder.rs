@@ -109,15 +109,24 @@ impl TextModel {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, xs.dtype())?;
+        self.forward_rotated(xs, (&cos, &sin), spans, cache)
+    }
+
+    /// Like [`Self::forward`] with each token's rotary `cos`/`sin` given directly, each
+    /// (T, head_dim / 2) in the activation dtype (multimodal rotary, e.g. Qwen2-VL's M-RoPE).
+    pub(crate) fn forward_rotated(
+        &self,
+        xs: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        spans: &[Span],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn.forward(
-                &layer.input_norm.forward(&xs)?,
-                (&cos, &sin),
-                spans,
-                i,
-                cache,
-            )?;
+            let h =
+                layer
+                    .attn
+                    .forward(&layer.input_norm.forward(&xs)?, (cos, sin), spans, i, cache)?;
             xs = (xs + h)?;
             let h = layer.mlp.forward(&layer.post_norm.forward(&xs)?)?;
             xs = (xs + h)?;

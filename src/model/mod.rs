@@ -25,6 +25,7 @@ mod json;
 mod kv_cache;
 mod llava;
 mod norm;
+pub mod qwen2vl;
 mod rope;
 mod text_config;
 mod vision;
