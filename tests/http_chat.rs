@@ -7,7 +7,12 @@ use common::{chat, chat_stream, content, streamed_text};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-const MODELS: [&str; 2] = ["llava-clip-llama", "llava-siglip-qwen2"];
+const MODELS: [&str; 4] = [
+    "llava-clip-llama",
+    "llava-siglip-qwen2",
+    "qwen2-vl-tiny",
+    "qwen2.5-vl-tiny",
+];
 
 fn greedy(model: &str, messages: Value, max_tokens: u32) -> Value {
     json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
@@ -91,24 +96,27 @@ async fn streaming_gives_the_same_text_as_json() {
 
 #[tokio::test]
 async fn eight_concurrent_requests_match_one_at_a_time() {
-    let model = "llava-siglip-qwen2";
-    let base = common::server(model);
-    let cases = common::cases(model);
-    let reqs: Vec<Value> = (0..8)
-        .map(|i| greedy(model, common::messages(&cases[i % cases.len()]), 16))
-        .collect();
-    let mut alone = Vec::new();
-    for r in &reqs {
-        alone.push(content(&chat(base, r).await.1));
-    }
-    let together = futures::future::join_all(reqs.iter().map(|r| chat(base, r))).await;
-    for (i, (status, body)) in together.iter().enumerate() {
-        assert_eq!(*status, 200);
-        assert_eq!(
-            content(body),
-            alone[i],
-            "request {i} changed inside a batch"
-        );
+    // Different image sizes in one batch: Qwen2-VL's grids and M-RoPE
+    // positions differ per sequence; LLaVA's do not.
+    for model in ["llava-siglip-qwen2", "qwen2-vl-tiny", "qwen2.5-vl-tiny"] {
+        let base = common::server(model);
+        let cases = common::cases(model);
+        let reqs: Vec<Value> = (0..8)
+            .map(|i| greedy(model, common::messages(&cases[i % cases.len()]), 16))
+            .collect();
+        let mut alone = Vec::new();
+        for r in &reqs {
+            alone.push(content(&chat(base, r).await.1));
+        }
+        let together = futures::future::join_all(reqs.iter().map(|r| chat(base, r))).await;
+        for (i, (status, body)) in together.iter().enumerate() {
+            assert_eq!(*status, 200);
+            assert_eq!(
+                content(body),
+                alone[i],
+                "{model}: request {i} changed inside a batch"
+            );
+        }
     }
 }
 

@@ -11,7 +11,12 @@ use mmserve::model::ImageInput;
 use mmserve::openai::request::ChatCompletionRequest;
 use mmserve::startup;
 
-const MODELS: [&str; 2] = ["llava-clip-llama", "llava-siglip-qwen2"];
+const MODELS: [&str; 4] = [
+    "llava-clip-llama",
+    "llava-siglip-qwen2",
+    "qwen2-vl-tiny",
+    "qwen2.5-vl-tiny",
+];
 
 /// PIL's resampling is reproduced bit-exactly on uint8, so what remains is
 /// float rounding of rescale and normalize: 1e-5 covers f32 ulp at |x| <= 3
@@ -47,22 +52,16 @@ fn prompt_ids_and_pixels_match_the_processor() {
                 common::ids(&case["prompt_ids"]),
                 "{model}/{name}: prompt ids"
             );
-            let Some(expected) = tensors.get(&format!("{name}.pixel_values")) else {
+            let Some(expected) = expected_pixels(&tensors, &case) else {
                 assert!(
                     valid.images.is_empty(),
                     "{model}/{name}: images without reference"
                 );
                 continue;
             };
-            let pixels: Vec<&Tensor> = valid
-                .images
-                .iter()
-                .map(|i| match i {
-                    ImageInput::Pixels(t) => t,
-                })
-                .collect();
-            let got = Tensor::stack(&pixels, 0).expect("stack");
+            let got = got_pixels(&valid.images);
             assert_eq!(got.dims(), expected.dims(), "{model}/{name}: pixel shape");
+            let expected = &expected;
             let diff = (got - expected)
                 .and_then(|d| d.abs())
                 .and_then(|d| d.flatten_all())
@@ -74,5 +73,40 @@ fn prompt_ids_and_pixels_match_the_processor() {
                 "{model}/{name}: pixel max diff {diff}"
             );
         }
+    }
+}
+
+/// The processor's pixels for a case: LLaVA stores them per case, (N, 3, H, W);
+/// Qwen2-VL per image, (patches_i, C*T*P*P), concatenated in prompt order.
+fn expected_pixels(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    case: &serde_json::Value,
+) -> Option<Tensor> {
+    let name = case["name"].as_str()?;
+    if let Some(t) = tensors.get(&format!("{name}.pixel_values")) {
+        return Some(t.clone());
+    }
+    let keys = case["image_keys"].as_array()?;
+    if keys.is_empty() {
+        return None;
+    }
+    let parts: Vec<&Tensor> = keys
+        .iter()
+        .map(|k| &tensors[&format!("{}.pixel_values", k.as_str().expect("key"))])
+        .collect();
+    Some(Tensor::cat(&parts, 0).expect("cat"))
+}
+
+/// Our prepared images in the same layout as [`expected_pixels`].
+fn got_pixels(images: &[ImageInput]) -> Tensor {
+    let pixels: Vec<&Tensor> = images
+        .iter()
+        .map(|i| match i {
+            ImageInput::Pixels(t) | ImageInput::Patches { patches: t, .. } => t,
+        })
+        .collect();
+    match images.first() {
+        Some(ImageInput::Pixels(_)) => Tensor::stack(&pixels, 0).expect("stack"),
+        _ => Tensor::cat(&pixels, 0).expect("cat"),
     }
 }

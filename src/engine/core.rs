@@ -13,7 +13,7 @@ use super::scheduler::{self, SchedulerConfig};
 use super::sequence::{Progress, Sequence, TextTools};
 use super::{Command, EngineError};
 use crate::model::ImageInput;
-use crate::model::{ChatCache, ChatModel, SeqInput};
+use crate::model::{ChatCache, ChatModel, StepInput};
 use crate::text::TokenTable;
 
 /// What the engine is built from.
@@ -179,14 +179,15 @@ impl EngineCore {
         first_new: usize,
         embeds: &[Option<Tensor>],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let inputs: Vec<SeqInput<'_>> = self
+        let inputs: Vec<StepInput<'_>> = self
             .running
             .iter()
             .enumerate()
-            .map(|(i, s)| SeqInput {
+            .map(|(i, s)| StepInput {
                 seq_id: s.id,
                 tokens: s.next_input(),
                 start_pos: s.cached,
+                image_grids: &s.grids,
                 image_embeds: i
                     .checked_sub(first_new)
                     .and_then(|j| embeds.get(j))

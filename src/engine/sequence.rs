@@ -16,6 +16,8 @@ pub struct Sequence {
     pub prompt: Vec<u32>,
     /// Preprocessed images still to be encoded; emptied at prefill.
     pub images: Vec<ImageInput>,
+    /// Patch grids of the prompt's images, for families that need them.
+    pub grids: Vec<[usize; 3]>,
     /// Generated token ids.
     pub output: Vec<u32>,
     /// Tokens already in the KV cache.
@@ -48,6 +50,7 @@ impl Sequence {
         Sequence {
             id,
             prompt: req.prompt_ids,
+            grids: req.images.iter().filter_map(ImageInput::grid).collect(),
             images: req.images,
             output: Vec::new(),
             cached: 0,

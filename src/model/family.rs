@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
 use super::{KvCache, LlavaModel, ModelError, SeqInput};
 
 /// One preprocessed image in the shape its family's vision tower takes.
@@ -13,18 +14,45 @@ use super::{KvCache, LlavaModel, ModelError, SeqInput};
 pub enum ImageInput {
     /// A fixed-size image, (3, H, W) f32 (LLaVA's CLIP/SigLIP towers).
     Pixels(Tensor),
+    /// Qwen2-VL patch rows, (t*h*w, C*T*P*P) f32, and the patch grid [t, h, w].
+    Patches { patches: Tensor, grid: [usize; 3] },
+}
+
+impl ImageInput {
+    /// The patch grid, for families whose positions depend on it.
+    pub fn grid(&self) -> Option<[usize; 3]> {
+        match self {
+            ImageInput::Pixels(_) => None,
+            ImageInput::Patches { grid, .. } => Some(*grid),
+        }
+    }
+}
+
+/// One sequence's new tokens for a step (see [`SeqInput`]), plus the patch
+/// grids of all its prompt's images (Qwen2-VL's M-RoPE needs them at prefill).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub seq_id: u64,
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    /// (n_image_tokens, hidden): rows for the image tokens in `tokens`, in order.
+    pub image_embeds: Option<&'a Tensor>,
+    pub image_grids: &'a [[usize; 3]],
 }
 
 /// A loaded chat model.
 #[derive(Debug)]
 pub enum ChatModel {
     Llava(LlavaModel),
+    Qwen2Vl(Box<Qwen2VlModel>),
 }
 
 /// The KV cache of a family, owned by the engine.
 #[derive(Debug)]
 pub enum ChatCache {
     Kv(KvCache),
+    /// KV entries plus each sequence's M-RoPE state.
+    Qwen(Qwen2VlCache),
 }
 
 impl ChatCache {
@@ -32,12 +60,13 @@ impl ChatCache {
     pub fn remove(&mut self, seq_id: u64) {
         match self {
             ChatCache::Kv(c) => c.remove(seq_id),
+            ChatCache::Qwen(c) => c.remove(seq_id),
         }
     }
 }
 
 /// Model types this module loads as chat models.
-pub const CHAT_MODEL_TYPES: [&str; 1] = ["llava"];
+pub const CHAT_MODEL_TYPES: [&str; 3] = ["llava", "qwen2_vl", "qwen2_5_vl"];
 
 impl ChatModel {
     /// Loads the family `config.json` names.
@@ -45,6 +74,9 @@ impl ChatModel {
         let path = dir.join("config.json");
         match model_type(&path)?.as_str() {
             "llava" => Ok(ChatModel::Llava(LlavaModel::load(dir, dtype, device)?)),
+            "qwen2_vl" | "qwen2_5_vl" => Ok(ChatModel::Qwen2Vl(Box::new(Qwen2VlModel::load(
+                dir, dtype, device,
+            )?))),
             other => Err(ModelError::Unsupported {
                 what: "model_type",
                 name: format!("{other} (in {})", path.display()),
@@ -55,48 +87,88 @@ impl ChatModel {
     pub fn image_token_id(&self) -> u32 {
         match self {
             ChatModel::Llava(m) => m.image_token_id(),
+            ChatModel::Qwen2Vl(m) => m.image_token_id(),
         }
     }
 
     pub fn max_context(&self) -> usize {
         match self {
             ChatModel::Llava(m) => m.max_context(),
+            ChatModel::Qwen2Vl(m) => m.max_context(),
         }
     }
 
     pub fn new_cache(&self) -> ChatCache {
         match self {
             ChatModel::Llava(m) => ChatCache::Kv(m.new_cache()),
+            ChatModel::Qwen2Vl(m) => ChatCache::Qwen(m.new_cache()),
         }
     }
 
-    /// Encodes a step's images together; returns each image's rows, (tokens_i, hidden).
+    /// Encodes a step's images; returns each image's rows, (tokens_i, hidden).
     pub fn encode_images(&self, images: &[&ImageInput]) -> Result<Vec<Tensor>, ModelError> {
+        let wrong = || ModelError::Pixels("image prepared for another model family".into());
         match self {
             ChatModel::Llava(m) => {
-                let pixels: Vec<&Tensor> = images
+                let pixels = images
                     .iter()
                     .map(|i| match i {
-                        ImageInput::Pixels(t) => t,
+                        ImageInput::Pixels(t) => Ok(t),
+                        ImageInput::Patches { .. } => Err(wrong()),
                     })
-                    .collect();
-                // (N, 3, H, W) -> (N, tokens_per_image, hidden)
+                    .collect::<Result<Vec<_>, _>>()?;
+                // All together: (N, 3, H, W) -> (N, tokens_per_image, hidden)
                 let feats = m.encode_images(&Tensor::stack(&pixels, 0)?)?;
                 (0..pixels.len())
                     .map(|i| Ok(feats.get(i)?))
                     .collect::<Result<_, ModelError>>()
             }
+            // Each image has its own grid: one vision pass per image.
+            ChatModel::Qwen2Vl(m) => images
+                .iter()
+                .map(|i| match i {
+                    ImageInput::Patches { patches, grid } => m.encode_image(patches, *grid),
+                    ImageInput::Pixels(_) => Err(wrong()),
+                })
+                .collect(),
         }
     }
 
     /// One batched step; (batch.len(), vocab) f32 logits of each sequence's last token.
     pub fn forward(
         &self,
-        batch: &[SeqInput<'_>],
+        batch: &[StepInput<'_>],
         cache: &mut ChatCache,
     ) -> Result<Tensor, ModelError> {
         match (self, cache) {
-            (ChatModel::Llava(m), ChatCache::Kv(c)) => m.forward(batch, c),
+            (ChatModel::Llava(m), ChatCache::Kv(c)) => {
+                let seqs: Vec<SeqInput<'_>> = batch
+                    .iter()
+                    .map(|s| SeqInput {
+                        seq_id: s.seq_id,
+                        tokens: s.tokens,
+                        start_pos: s.start_pos,
+                        image_embeds: s.image_embeds,
+                    })
+                    .collect();
+                m.forward(&seqs, c)
+            }
+            (ChatModel::Qwen2Vl(m), ChatCache::Qwen(c)) => {
+                let seqs: Vec<Qwen2VlInput<'_>> = batch
+                    .iter()
+                    .map(|s| Qwen2VlInput {
+                        seq_id: s.seq_id,
+                        tokens: s.tokens,
+                        start_pos: s.start_pos,
+                        image_embeds: s.image_embeds,
+                        image_grids: s.image_grids,
+                    })
+                    .collect();
+                m.forward(&seqs, c)
+            }
+            _ => Err(ModelError::Batch(
+                "the cache belongs to another model".into(),
+            )),
         }
     }
 }

@@ -35,7 +35,7 @@ pub use activation::Activation;
 pub use batch::SeqInput;
 pub use config::{FeatureSelect, LlavaConfig, VisionConfig, VisionKind};
 pub use error::ModelError;
-pub use family::{ChatCache, ChatModel, ImageInput, CHAT_MODEL_TYPES};
+pub use family::{ChatCache, ChatModel, ImageInput, StepInput, CHAT_MODEL_TYPES};
 pub use kv_cache::KvCache;
 pub use llava::LlavaModel;
 pub use rope::{RopeConfig, RopeScaling};

@@ -14,7 +14,7 @@ use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::model::ChatModel;
-use crate::preprocess::ImageProcessor;
+use crate::preprocess::{ImageProcessor, Qwen2VlImageProcessor};
 use crate::prompt::ChatTemplate;
 use crate::text::TokenTable;
 use crate::validate::params::SamplingDefaults;
@@ -109,11 +109,12 @@ fn eos_ids(dir: &Path, tok: &Tokenizer, eos_token: Option<&str>) -> Result<Vec<u
 
 /// The model family's image preparation, from `preprocessor_config.json`.
 fn vision_prep(dir: &Path, model: &ChatModel) -> Result<VisionPrep> {
-    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    let path = dir.join("preprocessor_config.json");
     Ok(match model {
         ChatModel::Llava(m) => VisionPrep::Fixed {
-            processor,
+            processor: ImageProcessor::from_file(&path)?,
             tokens_per_image: m.tokens_per_image(),
         },
+        ChatModel::Qwen2Vl(_) => VisionPrep::Qwen2Vl(Qwen2VlImageProcessor::from_file(&path)?),
     })
 }

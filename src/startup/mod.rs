@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::api::Served;
 use crate::config::{Config, KindSetting, ModelConfig, ModelKind};
+use crate::model::CHAT_MODEL_TYPES;
 
 /// What a model directory serves: from the configured kind, else from
 /// `config.json`'s `model_type`.
@@ -25,17 +26,20 @@ pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
         );
     };
     let model_type = json["model_type"].as_str().unwrap_or("");
-    let detected = match model_type {
-        "llava" => Some(ModelKind::Chat),
-        "clip" | "siglip" => Some(ModelKind::Embedding),
-        _ => None,
+    let detected = if CHAT_MODEL_TYPES.contains(&model_type) {
+        Some(ModelKind::Chat)
+    } else if ["clip", "siglip"].contains(&model_type) {
+        Some(ModelKind::Embedding)
+    } else {
+        None
     };
     match (m.kind, detected) {
         (KindSetting::Auto, Some(kind)) => Ok(kind),
         (KindSetting::Auto, None) => bail!(
-            "unsupported model_type `{model_type}` in {}: mmserve serves llava (chat), clip and \
+            "unsupported model_type `{model_type}` in {}: mmserve serves {} (chat), clip and \
              siglip (embedding)",
-            path.display()
+            path.display(),
+            CHAT_MODEL_TYPES.join(", ")
         ),
         (KindSetting::Chat, Some(ModelKind::Chat)) => Ok(ModelKind::Chat),
         (KindSetting::Embedding, Some(ModelKind::Embedding)) => Ok(ModelKind::Embedding),

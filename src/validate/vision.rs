@@ -6,7 +6,7 @@ use image::DynamicImage;
 use super::image::preprocess_error;
 use super::ValidationError;
 use crate::model::ImageInput;
-use crate::preprocess::ImageProcessor;
+use crate::preprocess::{ImageProcessor, Qwen2VlImageProcessor};
 
 /// A family's image preparation.
 pub enum VisionPrep {
@@ -16,6 +16,8 @@ pub enum VisionPrep {
         processor: ImageProcessor,
         tokens_per_image: usize,
     },
+    /// Qwen2-VL's dynamic resolution: each image its own patch grid.
+    Qwen2Vl(Qwen2VlImageProcessor),
 }
 
 /// One prepared image.
@@ -38,6 +40,18 @@ impl VisionPrep {
                 Ok(Prepared {
                     input: ImageInput::Pixels(pixels),
                     tokens: *tokens_per_image,
+                })
+            }
+            VisionPrep::Qwen2Vl(processor) => {
+                let img = processor
+                    .preprocess(img)
+                    .map_err(|e| preprocess_error(e, param))?;
+                Ok(Prepared {
+                    tokens: processor.num_image_tokens(img.grid_thw),
+                    input: ImageInput::Patches {
+                        patches: img.patches,
+                        grid: img.grid_thw,
+                    },
                 })
             }
         }

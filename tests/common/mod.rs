@@ -69,9 +69,11 @@ pub fn server(_name: &'static str) -> &'static str {
 }
 
 /// Every fixture model, chat and embedding.
-pub const ALL_MODELS: [&str; 4] = [
+pub const ALL_MODELS: [&str; 6] = [
     "llava-clip-llama",
     "llava-siglip-qwen2",
+    "qwen2-vl-tiny",
+    "qwen2.5-vl-tiny",
     "clip-tiny",
     "siglip-tiny",
 ];
