@@ -19,6 +19,7 @@ mod batch;
 mod config;
 mod decoder;
 pub mod embed;
+pub mod idefics3;
 mod error;
 mod json;
 mod kv_cache;
