@@ -163,7 +163,11 @@ mod tests {
         // Class defaults: 224 / 32 = 7 patches per side, which scale_factor 2 cannot divide.
         let cfg = parse(r#"{"model_type": "idefics3", "vision_config": {"image_size": 256}}"#)?;
         assert_eq!(
-            (cfg.vision.hidden_size, cfg.vision.patch_size, cfg.scale_factor),
+            (
+                cfg.vision.hidden_size,
+                cfg.vision.patch_size,
+                cfg.scale_factor
+            ),
             (1152, 32, 2)
         );
         assert_eq!((cfg.text.rms_norm_eps, cfg.image_token_id), (1e-5, 128257));
@@ -175,9 +179,9 @@ mod tests {
         let err = |json: &str| parse(json).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(r#"{"model_type": "idefics3", "scale_factor": 3}"#).contains("scale_factor"));
         assert!(err(r#"{"model_type": "llava"}"#).contains("model_type \"llava\""));
-        assert!(err(
-            r#"{"model_type": "idefics3", "vision_config": {"hidden_act": "nope"}}"#
-        )
-        .contains("vision_config.hidden_act"));
+        assert!(
+            err(r#"{"model_type": "idefics3", "vision_config": {"hidden_act": "nope"}}"#)
+                .contains("vision_config.hidden_act")
+        );
     }
 }

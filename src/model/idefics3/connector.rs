@@ -30,7 +30,12 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    pub fn load(vision_hidden: usize, text_hidden: usize, scale: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        vision_hidden: usize,
+        text_hidden: usize,
+        scale: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let input = vision_hidden * scale * scale;
         Ok(Self {
             scale,
@@ -64,7 +69,11 @@ mod tests {
             vec![10.0, 11.0, 14.0, 15.0],
         ];
         assert_eq!(out, want);
-        assert!(pixel_shuffle(&Tensor::zeros((1, 12, 1), candle_core::DType::F32, &Device::Cpu)?, 2).is_err());
+        assert!(pixel_shuffle(
+            &Tensor::zeros((1, 12, 1), candle_core::DType::F32, &Device::Cpu)?,
+            2
+        )
+        .is_err());
         Ok(())
     }
 }

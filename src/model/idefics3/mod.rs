@@ -50,7 +50,11 @@ struct Parts {
     lm_head: Option<VarBuilder<'static>>,
 }
 
-fn find(vb: &VarBuilder<'static>, part: &str, probe: &str) -> Result<VarBuilder<'static>, ModelError> {
+fn find(
+    vb: &VarBuilder<'static>,
+    part: &str,
+    probe: &str,
+) -> Result<VarBuilder<'static>, ModelError> {
     let prefixes = [format!("model.{part}"), part.to_string()];
     prefixes
         .iter()
@@ -92,8 +96,8 @@ impl Idefics3Model {
         let weights_err = |part: &'static str| {
             move |e: candle_core::Error| ModelError::Weights(format!("{part}: {e}"))
         };
-        let vision =
-            Idefics3Vision::load(&config.vision, parts.vision).map_err(weights_err("vision model"))?;
+        let vision = Idefics3Vision::load(&config.vision, parts.vision)
+            .map_err(weights_err("vision model"))?;
         let connector = Connector::load(
             config.vision.hidden_size,
             config.text.hidden_size,
@@ -174,10 +178,7 @@ impl Idefics3Model {
         let Some(tiles) = tiles else {
             return Ok(Tensor::zeros((0, d), self.dtype, &self.device)?);
         };
-        let px = tiles
-            .pixels
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?;
+        let px = tiles.pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
         // (N, S, vision_hidden) -> (N, S / s^2, text_hidden)
         let states = self.vision.forward(&px, &tiles.masks)?;
         let rows = self.connector.forward(&states)?;

@@ -115,7 +115,9 @@ mod tests {
         let dev = Device::Cpu;
         // Tile 0: real; tile 1: all zeros (padding tile); tile 2: real.
         let px = Tensor::from_vec(
-            (0..48).map(|i| if (16..32).contains(&i) { 0.0 } else { 1.0 }).collect::<Vec<f32>>(),
+            (0..48)
+                .map(|i| if (16..32).contains(&i) { 0.0 } else { 1.0 })
+                .collect::<Vec<f32>>(),
             (3, 1, 4, 4),
             &dev,
         )?;

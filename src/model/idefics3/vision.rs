@@ -214,7 +214,12 @@ mod tests {
             45, 46, 47, 48, 49, 50, 51, 52, 54, 54, 55, 56, 57, 58, 59, 60, 61, 63, 63,
         ];
         assert_eq!(lens, want);
-        let bits = |n: usize| boundaries(n).iter().map(|b| b.to_bits()).collect::<Vec<u32>>();
+        let bits = |n: usize| {
+            boundaries(n)
+                .iter()
+                .map(|b| b.to_bits())
+                .collect::<Vec<u32>>()
+        };
         #[rustfmt::skip]
         let b26 = vec![
             1025346009, 1033734617, 1038896837, 1042123225, 1044704335, 1047285445, 1049221278,
