@@ -110,7 +110,7 @@ impl VisionConfig {
 }
 
 /// An integer, or a `[h, w]` pair that must be square.
-fn square(s: &Section<'_>, key: &str, default: usize) -> Result<usize, ModelError> {
+pub(crate) fn square(s: &Section<'_>, key: &str, default: usize) -> Result<usize, ModelError> {
     let Some(dims) = s.int_list(key)? else {
         return Ok(default);
     };

@@ -21,6 +21,7 @@ mod decoder;
 pub mod embed;
 mod error;
 mod family;
+pub mod idefics3;
 mod json;
 mod kv_cache;
 mod llava;

@@ -34,8 +34,9 @@ impl VisionAttention {
         })
     }
 
-    /// Bidirectional self-attention: (N, S, D) -> (N, S, D).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// Bidirectional self-attention: (N, S, D) -> (N, S, D). `mask`, when given, is added to
+    /// the f32 scores (broadcast to (N, heads, S, S); `-inf` hides a key).
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (n, s, d) = xs.dims3()?;
         // (N, S, D) -> (N, heads, S, head_dim)
         let split = |t: Tensor| {
@@ -49,15 +50,16 @@ impl VisionAttention {
         let scale = (self.head_dim as f64).powf(-0.5);
         // (N, heads, S, S)
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_f32(&scores, None)?;
+        let probs = softmax_f32(&scores, mask)?;
         // (N, heads, S, head_dim) -> (N, S, D)
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
         self.out.forward(&ctx)
     }
 }
 
+/// One pre-norm ViT encoder layer (CLIP / SigLIP / Idefics3 share it).
 #[derive(Debug)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     norm1: LayerNorm,
     attn: VisionAttention,
     norm2: LayerNorm,
@@ -67,7 +69,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
             norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
@@ -79,9 +81,9 @@ impl EncoderLayer {
         })
     }
 
-    /// (N, S, D) -> (N, S, D)
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
+    /// (N, S, D) -> (N, S, D); `mask` as in [`VisionAttention::forward`].
+    pub(crate) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
         let h = self
             .act
             .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
@@ -187,7 +189,7 @@ impl VisionTower {
         let mut xs = self.embed(pixels)?;
         keep(0, &xs);
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs)?;
+            xs = layer.forward(&xs, None)?;
             keep(i + 1, &xs);
         }
         kept.into_iter()
