@@ -7,11 +7,12 @@ use common::{chat, chat_stream, content, streamed_text};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-const MODELS: [&str; 4] = [
+const MODELS: [&str; 5] = [
     "llava-clip-llama",
     "llava-siglip-qwen2",
     "qwen2-vl-tiny",
     "qwen2.5-vl-tiny",
+    "idefics3-tiny",
 ];
 
 fn greedy(model: &str, messages: Value, max_tokens: u32) -> Value {
@@ -45,7 +46,7 @@ fn expected_text(model: &str, case: &Value) -> (String, usize, &'static str) {
 async fn greedy_output_matches_transformers_for_every_case() {
     for model in MODELS {
         let base = common::server(model);
-        for case in common::cases(model) {
+        for case in common::served_cases(model) {
             let name = case["name"].as_str().unwrap();
             let (status, body) = chat(base, &greedy(model, common::messages(&case), 20)).await;
             assert_eq!(status, 200, "{model}/{name}: {body}");
@@ -98,9 +99,14 @@ async fn streaming_gives_the_same_text_as_json() {
 async fn eight_concurrent_requests_match_one_at_a_time() {
     // Different image sizes in one batch: Qwen2-VL's grids and M-RoPE
     // positions differ per sequence; LLaVA's do not.
-    for model in ["llava-siglip-qwen2", "qwen2-vl-tiny", "qwen2.5-vl-tiny"] {
+    for model in [
+        "llava-siglip-qwen2",
+        "qwen2-vl-tiny",
+        "qwen2.5-vl-tiny",
+        "idefics3-tiny",
+    ] {
         let base = common::server(model);
-        let cases = common::cases(model);
+        let cases = common::served_cases(model);
         let reqs: Vec<Value> = (0..8)
             .map(|i| greedy(model, common::messages(&cases[i % cases.len()]), 16))
             .collect();

@@ -11,11 +11,12 @@ use mmserve::model::ImageInput;
 use mmserve::openai::request::ChatCompletionRequest;
 use mmserve::startup;
 
-const MODELS: [&str; 4] = [
+const MODELS: [&str; 5] = [
     "llava-clip-llama",
     "llava-siglip-qwen2",
     "qwen2-vl-tiny",
     "qwen2.5-vl-tiny",
+    "idefics3-tiny",
 ];
 
 /// PIL's resampling is reproduced bit-exactly on uint8, so what remains is
@@ -41,7 +42,7 @@ fn prompt_ids_and_pixels_match_the_processor() {
             &Device::Cpu,
         )
         .expect("reference tensors");
-        for case in common::cases(model) {
+        for case in common::served_cases(model) {
             let name = case["name"].as_str().expect("name");
             let valid = serving
                 .validator
@@ -77,7 +78,8 @@ fn prompt_ids_and_pixels_match_the_processor() {
 }
 
 /// The processor's pixels for a case: LLaVA stores them per case, (N, 3, H, W);
-/// Qwen2-VL per image, (patches_i, C*T*P*P), concatenated in prompt order.
+/// Qwen2-VL per image, (patches_i, C*T*P*P), Idefics3 per image, (frames_i, 3,
+/// H, W), concatenated in prompt order.
 fn expected_pixels(
     tensors: &std::collections::HashMap<String, Tensor>,
     case: &serde_json::Value,
@@ -90,9 +92,17 @@ fn expected_pixels(
     if keys.is_empty() {
         return None;
     }
-    let parts: Vec<&Tensor> = keys
+    // Idefics3 stores (1, frames, 3, H, W) per image: its tiles are the rows.
+    let parts: Vec<Tensor> = keys
         .iter()
         .map(|k| &tensors[&format!("{}.pixel_values", k.as_str().expect("key"))])
+        .map(|t| {
+            if t.rank() == 5 {
+                t.squeeze(0).expect("squeeze")
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     Some(Tensor::cat(&parts, 0).expect("cat"))
 }
@@ -102,7 +112,9 @@ fn got_pixels(images: &[ImageInput]) -> Tensor {
     let pixels: Vec<&Tensor> = images
         .iter()
         .map(|i| match i {
-            ImageInput::Pixels(t) | ImageInput::Patches { patches: t, .. } => t,
+            ImageInput::Pixels(t)
+            | ImageInput::Patches { patches: t, .. }
+            | ImageInput::Tiles { pixels: t, .. } => t,
         })
         .collect();
     match images.first() {

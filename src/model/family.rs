@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::idefics3::Idefics3Model;
 use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
 use super::{KvCache, LlavaModel, ModelError, SeqInput};
 
@@ -16,13 +17,15 @@ pub enum ImageInput {
     Pixels(Tensor),
     /// Qwen2-VL patch rows, (t*h*w, C*T*P*P) f32, and the patch grid [t, h, w].
     Patches { patches: Tensor, grid: [usize; 3] },
+    /// Idefics3 tiles, (n, 3, H, W) f32, with their pixel mask (n, H, W) u8.
+    Tiles { pixels: Tensor, mask: Tensor },
 }
 
 impl ImageInput {
     /// The patch grid, for families whose positions depend on it.
     pub fn grid(&self) -> Option<[usize; 3]> {
         match self {
-            ImageInput::Pixels(_) => None,
+            ImageInput::Pixels(_) | ImageInput::Tiles { .. } => None,
             ImageInput::Patches { grid, .. } => Some(*grid),
         }
     }
@@ -43,8 +46,9 @@ pub struct StepInput<'a> {
 /// A loaded chat model.
 #[derive(Debug)]
 pub enum ChatModel {
-    Llava(LlavaModel),
+    Llava(Box<LlavaModel>),
     Qwen2Vl(Box<Qwen2VlModel>),
+    Idefics3(Box<Idefics3Model>),
 }
 
 /// The KV cache of a family, owned by the engine.
@@ -66,15 +70,20 @@ impl ChatCache {
 }
 
 /// Model types this module loads as chat models.
-pub const CHAT_MODEL_TYPES: [&str; 3] = ["llava", "qwen2_vl", "qwen2_5_vl"];
+pub const CHAT_MODEL_TYPES: [&str; 4] = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3"];
 
 impl ChatModel {
     /// Loads the family `config.json` names.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
         match model_type(&path)?.as_str() {
-            "llava" => Ok(ChatModel::Llava(LlavaModel::load(dir, dtype, device)?)),
+            "llava" => Ok(ChatModel::Llava(Box::new(LlavaModel::load(
+                dir, dtype, device,
+            )?))),
             "qwen2_vl" | "qwen2_5_vl" => Ok(ChatModel::Qwen2Vl(Box::new(Qwen2VlModel::load(
+                dir, dtype, device,
+            )?))),
+            "idefics3" => Ok(ChatModel::Idefics3(Box::new(Idefics3Model::load(
                 dir, dtype, device,
             )?))),
             other => Err(ModelError::Unsupported {
@@ -88,6 +97,7 @@ impl ChatModel {
         match self {
             ChatModel::Llava(m) => m.image_token_id(),
             ChatModel::Qwen2Vl(m) => m.image_token_id(),
+            ChatModel::Idefics3(m) => m.image_token_id(),
         }
     }
 
@@ -95,6 +105,7 @@ impl ChatModel {
         match self {
             ChatModel::Llava(m) => m.max_context(),
             ChatModel::Qwen2Vl(m) => m.max_context(),
+            ChatModel::Idefics3(m) => m.max_context(),
         }
     }
 
@@ -102,6 +113,7 @@ impl ChatModel {
         match self {
             ChatModel::Llava(m) => ChatCache::Kv(m.new_cache()),
             ChatModel::Qwen2Vl(m) => ChatCache::Qwen(m.new_cache()),
+            ChatModel::Idefics3(m) => ChatCache::Kv(m.new_cache()),
         }
     }
 
@@ -114,7 +126,7 @@ impl ChatModel {
                     .iter()
                     .map(|i| match i {
                         ImageInput::Pixels(t) => Ok(t),
-                        ImageInput::Patches { .. } => Err(wrong()),
+                        _ => Err(wrong()),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 // All together: (N, 3, H, W) -> (N, tokens_per_image, hidden)
@@ -128,7 +140,15 @@ impl ChatModel {
                 .iter()
                 .map(|i| match i {
                     ImageInput::Patches { patches, grid } => m.encode_image(patches, *grid),
-                    ImageInput::Pixels(_) => Err(wrong()),
+                    _ => Err(wrong()),
+                })
+                .collect(),
+            // Tiles of one image share a pass; images keep their own row blocks.
+            ChatModel::Idefics3(m) => images
+                .iter()
+                .map(|i| match i {
+                    ImageInput::Tiles { pixels, mask } => m.encode_images(pixels, mask),
+                    _ => Err(wrong()),
                 })
                 .collect(),
         }
@@ -140,19 +160,20 @@ impl ChatModel {
         batch: &[StepInput<'_>],
         cache: &mut ChatCache,
     ) -> Result<Tensor, ModelError> {
+        let plain = || -> Vec<SeqInput<'_>> {
+            batch
+                .iter()
+                .map(|s| SeqInput {
+                    seq_id: s.seq_id,
+                    tokens: s.tokens,
+                    start_pos: s.start_pos,
+                    image_embeds: s.image_embeds,
+                })
+                .collect()
+        };
         match (self, cache) {
-            (ChatModel::Llava(m), ChatCache::Kv(c)) => {
-                let seqs: Vec<SeqInput<'_>> = batch
-                    .iter()
-                    .map(|s| SeqInput {
-                        seq_id: s.seq_id,
-                        tokens: s.tokens,
-                        start_pos: s.start_pos,
-                        image_embeds: s.image_embeds,
-                    })
-                    .collect();
-                m.forward(&seqs, c)
-            }
+            (ChatModel::Llava(m), ChatCache::Kv(c)) => m.forward(&plain(), c),
+            (ChatModel::Idefics3(m), ChatCache::Kv(c)) => m.forward(&plain(), c),
             (ChatModel::Qwen2Vl(m), ChatCache::Qwen(c)) => {
                 let seqs: Vec<Qwen2VlInput<'_>> = batch
                     .iter()

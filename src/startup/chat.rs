@@ -14,7 +14,9 @@ use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::model::ChatModel;
-use crate::preprocess::{ImageProcessor, Qwen2VlImageProcessor};
+use crate::preprocess::{
+    Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor, Qwen2VlImageProcessor,
+};
 use crate::prompt::ChatTemplate;
 use crate::text::TokenTable;
 use crate::validate::params::SamplingDefaults;
@@ -116,5 +118,10 @@ fn vision_prep(dir: &Path, model: &ChatModel) -> Result<VisionPrep> {
             tokens_per_image: m.tokens_per_image(),
         },
         ChatModel::Qwen2Vl(_) => VisionPrep::Qwen2Vl(Qwen2VlImageProcessor::from_file(&path)?),
+        ChatModel::Idefics3(m) => VisionPrep::Idefics3 {
+            processor: Idefics3ImageProcessor::from_file(&path)?,
+            image_seq_len: m.tokens_per_tile(),
+            tokens: Idefics3ImageTokens::default(),
+        },
     })
 }

@@ -102,8 +102,7 @@ impl Validator {
             &self.vision,
             self.limits.max_images_per_request,
         )?;
-        let counts: Vec<usize> = conv.images.iter().map(|p| p.tokens).collect();
-        let prompt_ids = self.prompt_ids(&conv.messages, &counts)?;
+        let prompt_ids = self.prompt_ids(&conv.messages, &conv.images)?;
         let max_tokens = params::max_tokens(
             req,
             prompt_ids.len(),
@@ -136,9 +135,8 @@ impl Validator {
     fn prompt_ids(
         &self,
         messages: &[crate::prompt::PromptMessage],
-        image_tokens: &[usize],
+        images: &[vision::Prepared],
     ) -> Result<Vec<u32>, ValidationError> {
-        let num_images = image_tokens.len();
         let text = self
             .template
             .render(messages, true, &self.image_token)
@@ -150,6 +148,7 @@ impl Validator {
                 param: Some("messages".into()),
                 code: "invalid_prompt",
             })?;
+        let text = expand_placeholders(&text, &self.image_token, images)?;
         let has_bos = self
             .bos_token
             .as_deref()
@@ -158,54 +157,75 @@ impl Validator {
             .tokenizer
             .encode(text, !has_bos)
             .map_err(|e| ValidationError::Internal(format!("tokenizer failed: {e}")))?;
-        let placed = enc
-            .get_ids()
-            .iter()
-            .filter(|&&id| id == self.image_token_id)
-            .count();
-        if placed != num_images {
-            return Err(ValidationError::Invalid {
-                message: format!(
-                    "the model's chat template placed {placed} of the request's {num_images} images"
-                ),
-                param: Some("messages".into()),
-                code: "invalid_prompt",
-            });
+        let ids = enc.get_ids();
+        let placed = ids.iter().filter(|&&id| id == self.image_token_id).count();
+        let wanted: usize = images.iter().map(|p| p.tokens).sum();
+        if placed != wanted {
+            return Err(ValidationError::Internal(format!(
+                "the expanded prompt holds {placed} image tokens where the images need {wanted}"
+            )));
         }
-        Ok(expand_images(
-            enc.get_ids(),
-            self.image_token_id,
-            image_tokens,
-        ))
+        Ok(ids.to_vec())
     }
 }
 
-/// Repeats the i-th image placeholder id to the number of feature rows image i
-/// stands for (the caller checked there is one count per placeholder).
-pub fn expand_images(ids: &[u32], image_id: u32, counts: &[usize]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(ids.len() + counts.iter().sum::<usize>());
-    let mut counts = counts.iter();
-    for &id in ids {
-        if id == image_id {
-            let n = counts.next().copied().unwrap_or(1);
-            out.extend(std::iter::repeat_n(image_id, n));
-        } else {
-            out.push(id);
+/// Replaces the i-th image placeholder the template wrote with image i's
+/// expansion, as transformers' processors do before tokenizing. (Users cannot
+/// type the placeholder: `messages` refused it.)
+pub fn expand_placeholders(
+    text: &str,
+    placeholder: &str,
+    images: &[vision::Prepared],
+) -> Result<String, ValidationError> {
+    let pieces: Vec<&str> = text.split(placeholder).collect();
+    let placed = pieces.len() - 1;
+    if placed != images.len() {
+        return Err(ValidationError::Invalid {
+            message: format!(
+                "the model's chat template placed {placed} of the request's {} images",
+                images.len()
+            ),
+            param: Some("messages".into()),
+            code: "invalid_prompt",
+        });
+    }
+    let mut out = String::with_capacity(text.len());
+    for (piece, image) in pieces.iter().zip(images) {
+        out.push_str(piece);
+        match &image.layout {
+            Some(layout) => out.push_str(layout),
+            None => out.push_str(&placeholder.repeat(image.tokens)),
         }
     }
-    out
+    out.push_str(pieces.last().copied().unwrap_or(""));
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::expand_images;
+    use super::expand_placeholders;
+    use super::vision::Prepared;
+    use crate::model::ImageInput;
+
+    fn image(tokens: usize, layout: Option<&str>) -> Prepared {
+        let t = candle_core::Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu);
+        Prepared {
+            input: ImageInput::Pixels(t.unwrap()),
+            tokens,
+            layout: layout.map(str::to_string),
+        }
+    }
 
     #[test]
-    fn each_placeholder_becomes_its_feature_rows() {
-        assert_eq!(
-            expand_images(&[1, 9, 2, 9], 9, &[3, 2]),
-            [1, 9, 9, 9, 2, 9, 9]
-        );
-        assert_eq!(expand_images(&[1, 2], 9, &[]), [1, 2]);
+    fn each_placeholder_becomes_its_image_expansion() {
+        let imgs = [image(3, None), image(2, Some("<a><i><i><b>"))];
+        let out = expand_placeholders("x<i>y<i>z", "<i>", &imgs).unwrap();
+        assert_eq!(out, "x<i><i><i>y<a><i><i><b>z");
+        assert_eq!(expand_placeholders("plain", "<i>", &[]).unwrap(), "plain");
+    }
+
+    #[test]
+    fn a_template_that_drops_an_image_is_refused() {
+        assert!(expand_placeholders("x", "<i>", &[image(1, None)]).is_err());
     }
 }

@@ -6,7 +6,10 @@ use image::DynamicImage;
 use super::image::preprocess_error;
 use super::ValidationError;
 use crate::model::ImageInput;
-use crate::preprocess::{ImageProcessor, Qwen2VlImageProcessor};
+use crate::preprocess::{
+    image_prompt_string, Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor,
+    Qwen2VlImageProcessor,
+};
 
 /// A family's image preparation.
 pub enum VisionPrep {
@@ -18,6 +21,13 @@ pub enum VisionPrep {
     },
     /// Qwen2-VL's dynamic resolution: each image its own patch grid.
     Qwen2Vl(Qwen2VlImageProcessor),
+    /// Idefics3/SmolVLM: tiles plus a global image, each `image_seq_len`
+    /// tokens, laid out with row/column marker tokens.
+    Idefics3 {
+        processor: Idefics3ImageProcessor,
+        image_seq_len: usize,
+        tokens: Idefics3ImageTokens,
+    },
 }
 
 /// One prepared image.
@@ -25,6 +35,9 @@ pub struct Prepared {
     pub input: ImageInput,
     /// Copies of the placeholder token this image takes in the prompt.
     pub tokens: usize,
+    /// The text that replaces the placeholder, when it is more than `tokens`
+    /// copies of it (Idefics3's tile layout).
+    pub layout: Option<String>,
 }
 
 impl VisionPrep {
@@ -40,6 +53,7 @@ impl VisionPrep {
                 Ok(Prepared {
                     input: ImageInput::Pixels(pixels),
                     tokens: *tokens_per_image,
+                    layout: None,
                 })
             }
             VisionPrep::Qwen2Vl(processor) => {
@@ -51,6 +65,32 @@ impl VisionPrep {
                     input: ImageInput::Patches {
                         patches: img.patches,
                         grid: img.grid_thw,
+                    },
+                    layout: None,
+                })
+            }
+            VisionPrep::Idefics3 {
+                processor,
+                image_seq_len,
+                tokens,
+            } => {
+                let img = processor
+                    .preprocess(img)
+                    .map_err(|e| preprocess_error(e, param))?;
+                let frames = img.pixel_values.dim(0).map_err(|e| {
+                    ValidationError::Internal(format!("image preprocessing failed: {e}"))
+                })?;
+                Ok(Prepared {
+                    tokens: frames * image_seq_len,
+                    layout: Some(image_prompt_string(
+                        img.rows,
+                        img.cols,
+                        *image_seq_len,
+                        tokens,
+                    )),
+                    input: ImageInput::Tiles {
+                        pixels: img.pixel_values,
+                        mask: img.pixel_attention_mask,
                     },
                 })
             }

@@ -69,11 +69,12 @@ pub fn server(_name: &'static str) -> &'static str {
 }
 
 /// Every fixture model, chat and embedding.
-pub const ALL_MODELS: [&str; 6] = [
+pub const ALL_MODELS: [&str; 7] = [
     "llava-clip-llama",
     "llava-siglip-qwen2",
     "qwen2-vl-tiny",
     "qwen2.5-vl-tiny",
+    "idefics3-tiny",
     "clip-tiny",
     "siglip-tiny",
 ];
@@ -112,6 +113,19 @@ pub fn reference(name: &str) -> Value {
 
 pub fn cases(name: &str) -> Vec<Value> {
     reference(name)["cases"].as_array().expect("cases").clone()
+}
+
+/// The cases a client can reproduce: those made with the model's own processor
+/// settings (not a per-call override such as `do_image_splitting=False`).
+pub fn served_cases(name: &str) -> Vec<Value> {
+    cases(name)
+        .into_iter()
+        .filter(|c| {
+            c["processor_overrides"]
+                .as_object()
+                .is_none_or(|o| o.is_empty())
+        })
+        .collect()
 }
 
 /// A case's messages, with data URLs.
