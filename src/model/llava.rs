@@ -8,10 +8,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
 use super::activation::Activation;
-use super::batch::{Limits, SeqInput, StepPlan};
+use super::batch::{Limits, SeqInput};
 use super::config::{FeatureSelect, LlavaConfig};
 use super::decoder::TextModel;
 use super::kv_cache::KvCache;
+use super::splice::Spliced;
 use super::vision::VisionTower;
 use super::weights::{self, Layout};
 use super::ModelError;
@@ -162,45 +163,17 @@ impl LlavaModel {
         batch: &[SeqInput<'_>],
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
-        let limits = Limits {
-            num_layers: self.text.num_layers(),
-            vocab_size: self.config.text.vocab_size,
-            hidden_size: self.config.text.hidden_size,
-            image_token_id: self.config.image_token_id,
-        };
-        let plan = StepPlan::new(batch, cache, limits)?;
-        let result = self
-            .input_embeddings(&plan)
-            .and_then(|xs| self.text.forward(&xs, &plan.positions, &plan.spans, cache));
-        match result {
-            Ok(logits) => {
-                for span in &plan.spans {
-                    cache.commit(span.seq_id, span.len);
-                }
-                Ok(logits)
-            }
-            Err(e) => {
-                for id in &plan.fresh {
-                    cache.remove(*id);
-                }
-                Err(e.into())
-            }
+        Spliced {
+            text: &self.text,
+            limits: Limits {
+                num_layers: self.text.num_layers(),
+                vocab_size: self.config.text.vocab_size,
+                hidden_size: self.config.text.hidden_size,
+                image_token_id: self.config.image_token_id,
+            },
+            dtype: self.dtype,
+            device: &self.device,
         }
-    }
-
-    /// Token embeddings with image rows spliced in: (T, text_hidden).
-    fn input_embeddings(&self, plan: &StepPlan<'_>) -> candle_core::Result<Tensor> {
-        let ids = Tensor::new(plan.ids.as_slice(), &self.device)?;
-        let text = self.text.embed(&ids)?;
-        let Some(gather) = &plan.gather else {
-            return Ok(text);
-        };
-        let mut rows = vec![text];
-        for img in &plan.images {
-            rows.push(img.to_device(&self.device)?.to_dtype(self.dtype)?);
-        }
-        // (T + image rows, D) -> (T, D)
-        let gather = Tensor::new(gather.as_slice(), &self.device)?;
-        Tensor::cat(&rows, 0)?.index_select(&gather, 0)
+        .step(batch, cache)
     }
 }

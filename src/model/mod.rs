@@ -28,6 +28,7 @@ mod llava;
 mod norm;
 pub mod qwen2vl;
 mod rope;
+mod splice;
 mod text_config;
 mod vision;
 mod weights;
