@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::idefics3::Idefics3Model;
+use super::json;
 use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
 use super::{KvCache, LlavaModel, ModelError, SeqInput};
 
@@ -196,16 +197,10 @@ impl ChatModel {
 
 /// `model_type` of a `config.json`.
 fn model_type(path: &Path) -> Result<String, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
-        _ => ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        file: path.to_path_buf(),
-        message: format!("invalid JSON: {e}"),
-    })?;
-    Ok(v["model_type"].as_str().unwrap_or("").to_string())
+    let map = json::parse_object(path, &json::read_file(path)?)?;
+    Ok(map
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string())
 }

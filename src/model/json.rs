@@ -7,6 +7,26 @@ use serde_json::{Map, Value};
 
 use super::ModelError;
 
+/// Reads a config file; a missing one is [`ModelError::MissingFile`].
+pub(crate) fn read_file(path: &Path) -> Result<String, ModelError> {
+    std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
+        _ => ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Parses a config file's JSON into its top-level object; `path` names it in errors.
+pub(crate) fn parse_object(path: &Path, json: &str) -> Result<Map<String, Value>, ModelError> {
+    match serde_json::from_str(json) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ModelError::config(path, "expected a JSON object")),
+        Err(e) => Err(ModelError::config(path, format!("invalid JSON: {e}"))),
+    }
+}
+
 /// One JSON object (the top level or a sub-config) of a config file.
 pub(crate) struct Section<'a> {
     file: &'a Path,

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::super::activation::Activation;
 use super::super::config::{VisionConfig, VisionKind};
-use super::super::json::Section;
+use super::super::json::{self, Section};
 use super::super::ModelError;
 use super::EmbeddingKind;
 
@@ -148,23 +148,12 @@ pub struct EmbedConfig {
 impl EmbedConfig {
     /// Reads and validates `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
-            _ => ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
-        Self::from_json(path, &text)
+        Self::from_json(path, &json::read_file(path)?)
     }
 
     /// Parses config JSON; `path` is only used in error messages.
     pub fn from_json(path: &Path, json: &str) -> Result<Self, ModelError> {
-        let value: Value = serde_json::from_str(json)
-            .map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(ModelError::config(path, "expected a JSON object"));
-        };
+        let map = json::parse_object(path, json)?;
         let top = Section::new(path, "", &map);
         let kind = match top.opt_str("model_type")? {
             Some("clip") => EmbeddingKind::Clip,

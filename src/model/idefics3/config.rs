@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Map;
 
 use crate::model::activation::Activation;
 use crate::model::config::{eos_list, square};
-use crate::model::json::Section;
+use crate::model::json::{self, Section};
 use crate::model::text_config::TextConfig;
 use crate::model::{ModelError, VisionConfig, VisionKind};
 
@@ -31,23 +31,12 @@ pub struct Idefics3Config {
 impl Idefics3Config {
     /// Reads and validates `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
-            _ => ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
-        Self::from_json(path, &text)
+        Self::from_json(path, &json::read_file(path)?)
     }
 
     /// Parses config JSON; `path` is only used in error messages.
     pub fn from_json(path: &Path, json: &str) -> Result<Self, ModelError> {
-        let value: Value = serde_json::from_str(json)
-            .map_err(|e| ModelError::config(path, format!("invalid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(ModelError::config(path, "expected a JSON object"));
-        };
+        let map = json::parse_object(path, json)?;
         let top = Section::new(path, "", &map);
         match top.opt_str("model_type")? {
             Some("idefics3") => {}
