@@ -22,15 +22,15 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
+    fn load(shape: &EncoderShape, vb: VarBuilder) -> Result<Self> {
+        let d = shape.hidden;
         Ok(Self {
             q: linear(d, d, vb.pp("q_proj"))?,
             k: linear(d, d, vb.pp("k_proj"))?,
             v: linear(d, d, vb.pp("v_proj"))?,
             out: linear(d, d, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
+            heads: shape.heads,
+            head_dim: shape.head_dim,
         })
     }
 
@@ -57,7 +57,32 @@ impl VisionAttention {
     }
 }
 
-/// One pre-norm ViT encoder layer (CLIP / SigLIP / Idefics3 share it).
+/// The sizes of a pre-norm transformer encoder layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EncoderShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub eps: f64,
+    pub act: Activation,
+}
+
+impl EncoderShape {
+    fn of(cfg: &VisionConfig) -> Self {
+        EncoderShape {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            intermediate: cfg.intermediate_size,
+            eps: cfg.layer_norm_eps,
+            act: cfg.hidden_act,
+        }
+    }
+}
+
+/// One pre-norm encoder layer: the ViT towers (CLIP / SigLIP / Idefics3) and the
+/// CLIP / SigLIP text towers share it.
 #[derive(Debug)]
 pub(crate) struct EncoderLayer {
     norm1: LayerNorm,
@@ -70,14 +95,18 @@ pub(crate) struct EncoderLayer {
 
 impl EncoderLayer {
     pub(crate) fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Self::load_shaped(&EncoderShape::of(cfg), vb)
+    }
+
+    pub(crate) fn load_shaped(shape: &EncoderShape, vb: VarBuilder) -> Result<Self> {
+        let (d, eps, inner) = (shape.hidden, shape.eps, shape.intermediate);
         Ok(Self {
             norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            attn: VisionAttention::load(cfg, vb.pp("self_attn"))?,
+            attn: VisionAttention::load(shape, vb.pp("self_attn"))?,
             norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            act: cfg.hidden_act,
+            fc1: linear(d, inner, vb.pp("mlp.fc1"))?,
+            fc2: linear(inner, d, vb.pp("mlp.fc2"))?,
+            act: shape.act,
         })
     }
 

@@ -6,89 +6,11 @@
 //! bidirectional (SigLIP) batches must arrive at one common length.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
-use super::super::activation::Activation;
-use super::super::attention::{causal_mask, softmax_f32};
+use super::super::attention::causal_mask;
+use super::super::vision::{EncoderLayer, EncoderShape};
 use super::config::{TextPool, TextTowerConfig};
-
-#[derive(Debug)]
-struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    head_dim: usize,
-}
-
-impl SelfAttention {
-    fn load(cfg: &TextTowerConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-        })
-    }
-
-    /// (N, L, D) -> (N, L, D); `mask` is an additive (L, L) f32 mask or `None`.
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (n, l, d) = xs.dims3()?;
-        // (N, L, D) -> (N, heads, L, head_dim)
-        let split = |t: Tensor| {
-            t.reshape((n, l, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(xs)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // (N, heads, L, L)
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_f32(&scores, mask)?;
-        // (N, heads, L, head_dim) -> (N, L, D)
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
-        self.out.forward(&ctx)
-    }
-}
-
-#[derive(Debug)]
-struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: SelfAttention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn load(cfg: &TextTowerConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        Ok(Self {
-            norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            attn: SelfAttention::load(cfg, vb.pp("self_attn"))?,
-            norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
-            act: cfg.hidden_act,
-        })
-    }
-
-    /// (N, L, D) -> (N, L, D)
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
-        let h = self
-            .act
-            .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
-        xs + self.fc2.forward(&h)?
-    }
-}
 
 /// `text_model`: everything up to the pooled (pre-projection) text feature.
 #[derive(Debug)]
@@ -106,9 +28,17 @@ impl TextTower {
     /// `vb` points at `text_model`.
     pub fn load(cfg: &TextTowerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
+        let shape = EncoderShape {
+            hidden: d,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            intermediate: cfg.intermediate_size,
+            eps: cfg.layer_norm_eps,
+            act: cfg.hidden_act,
+        };
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::load(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::load_shaped(&shape, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, d, emb.pp("token_embedding"))?,
