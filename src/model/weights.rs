@@ -122,7 +122,8 @@ impl Layout {
     }
 }
 
-fn find(
+/// Finds the first prefix under which `probe` exists.
+pub(crate) fn find(
     vb: &VarBuilder<'static>,
     prefixes: &[&str],
     probe: &str,

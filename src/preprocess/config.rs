@@ -331,3 +331,28 @@ impl ImageProcessor {
 
 #[cfg(test)]
 mod tests;
+
+/// uint8 HWC → f32 CHW, `(3, H, W)` flattened, as numpy computes it: rescale as
+/// `(u8 as f64 * factor) as f32`, then normalize in f32 as `(x - mean) / std`.
+pub(super) fn rescale_normalize(
+    img: &image::RgbImage,
+    rescale: Option<f64>,
+    normalize: Option<&Normalize>,
+) -> Vec<f32> {
+    let plane = img.width() as usize * img.height() as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            let v = px.0[c];
+            let mut x = match rescale {
+                Some(factor) => (f64::from(v) * factor) as f32,
+                None => f32::from(v),
+            };
+            if let Some(n) = normalize {
+                x = (x - n.mean[c]) / n.std[c];
+            }
+            out[c * plane + i] = x;
+        }
+    }
+    out
+}

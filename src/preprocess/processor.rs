@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, RgbImage};
 
-use super::config::{ImageProcessor, ResizeTo};
+use super::config::{rescale_normalize, ImageProcessor, ResizeTo};
 use super::resample::{resize_rgb8_window, Window};
 use super::rgb::as_rgb8_like_pil;
 use super::PreprocessError;
@@ -65,7 +65,7 @@ impl ImageProcessor {
         let rgb = as_rgb8_like_pil(img);
         let canvas = self.resize_and_crop(&rgb)?;
         let (h, w) = (canvas.height() as usize, canvas.width() as usize);
-        let data = self.rescale_and_normalize(&canvas);
+        let data = rescale_normalize(&canvas, self.rescale, self.normalize.as_ref());
         // (3, H, W): channel-major, as transformers' channels-first numpy array.
         Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
     }
@@ -102,27 +102,6 @@ impl ImageProcessor {
         let mut canvas = RgbImage::new(cw, ch);
         image::imageops::replace(&mut canvas, &kept, i64::from(dx), i64::from(dy));
         Ok(canvas)
-    }
-
-    /// uint8 HWC → f32 CHW with rescale and normalize applied.
-    fn rescale_and_normalize(&self, canvas: &RgbImage) -> Vec<f32> {
-        let plane = canvas.width() as usize * canvas.height() as usize;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, px) in canvas.pixels().enumerate() {
-            for c in 0..3 {
-                let v = px.0[c];
-                let mut x = match self.rescale {
-                    // numpy: image.astype(float64) * scale, then astype(float32).
-                    Some(factor) => (f64::from(v) * factor) as f32,
-                    None => f32::from(v),
-                };
-                if let Some(n) = &self.normalize {
-                    x = (x - n.mean[c]) / n.std[c];
-                }
-                out[c * plane + i] = x;
-            }
-        }
-        out
     }
 }
 

@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use super::cache::Qwen2VlCache;
 use super::config::Qwen2VlConfig;
@@ -14,7 +13,8 @@ use super::mrope::{MropeRotary, RopeState};
 use super::vision::VisionTower;
 use crate::model::batch::{Limits, SeqInput, StepPlan};
 use crate::model::decoder::TextModel;
-use crate::model::{weights, ModelError};
+use crate::model::weights::{self, find};
+use crate::model::ModelError;
 
 /// New tokens of one sequence for this step.
 #[derive(Debug, Clone, Copy)]
@@ -42,22 +42,6 @@ pub struct Qwen2VlModel {
     rotary: MropeRotary,
     dtype: DType,
     device: Device,
-}
-
-/// Finds the first prefix under which `probe` exists.
-fn find(
-    vb: &VarBuilder<'static>,
-    prefixes: &[&str],
-    probe: &str,
-) -> Result<VarBuilder<'static>, ModelError> {
-    prefixes
-        .iter()
-        .map(|p| vb.pp(p))
-        .find(|v| v.contains_tensor(probe))
-        .ok_or_else(|| {
-            let tried: Vec<String> = prefixes.iter().map(|p| format!("{p}.{probe}")).collect();
-            ModelError::Weights(format!("no tensor named any of {}", tried.join(", ")))
-        })
 }
 
 impl Qwen2VlModel {

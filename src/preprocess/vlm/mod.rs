@@ -24,7 +24,7 @@ use std::path::Path;
 use image::RgbImage;
 use serde_json::{Map, Value};
 
-use super::config::Normalize;
+use super::config::{rescale_normalize, Normalize};
 use super::resample::Resample;
 use super::PreprocessError;
 
@@ -179,22 +179,6 @@ struct RescaleNormalize {
 impl RescaleNormalize {
     /// uint8 HWC → f32 CHW, `(3, H, W)` flattened, as numpy computes it.
     fn apply(&self, img: &RgbImage) -> Vec<f32> {
-        let plane = img.width() as usize * img.height() as usize;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                let v = px.0[c];
-                let mut x = match self.rescale {
-                    // numpy: image.astype(float64) * scale, then astype(float32).
-                    Some(factor) => (f64::from(v) * factor) as f32,
-                    None => f32::from(v),
-                };
-                if let Some(n) = &self.normalize {
-                    x = (x - n.mean[c]) / n.std[c];
-                }
-                out[c * plane + i] = x;
-            }
-        }
-        out
+        rescale_normalize(img, self.rescale, self.normalize.as_ref())
     }
 }
