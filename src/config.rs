@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::preprocess::ImageLimits;
+
 /// The defaults, documented in place.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/mmserve.toml");
 
@@ -24,6 +26,9 @@ pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub max_body_bytes: usize,
+    /// Most request headers, and their total bytes (names and values).
+    pub max_header_count: usize,
+    pub max_header_bytes: usize,
 }
 
 /// One served model.
@@ -113,7 +118,28 @@ pub struct EngineConfig {
 pub struct LimitsConfig {
     pub max_images_per_request: usize,
     pub max_n: usize,
+    pub max_top_logprobs: usize,
     pub max_embedding_inputs: usize,
+    pub max_image_bytes: usize,
+    pub max_image_width: u32,
+    pub max_image_height: u32,
+    pub max_image_pixels: u64,
+    pub min_image_side: u32,
+    pub max_image_aspect_ratio: u32,
+}
+
+impl LimitsConfig {
+    /// What one uploaded image may be.
+    pub fn image(&self) -> ImageLimits {
+        ImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_width: self.max_image_width,
+            max_height: self.max_image_height,
+            max_pixels: self.max_image_pixels,
+            min_side: self.min_image_side,
+            max_aspect_ratio: self.max_image_aspect_ratio,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +194,26 @@ impl Config {
                 self.limits.max_embedding_inputs,
             ),
             ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_header_count", self.server.max_header_count),
+            ("server.max_header_bytes", self.server.max_header_bytes),
+            ("limits.max_image_bytes", self.limits.max_image_bytes),
+            (
+                "limits.max_image_width",
+                self.limits.max_image_width as usize,
+            ),
+            (
+                "limits.max_image_height",
+                self.limits.max_image_height as usize,
+            ),
+            (
+                "limits.max_image_pixels",
+                self.limits.max_image_pixels as usize,
+            ),
+            ("limits.min_image_side", self.limits.min_image_side as usize),
+            (
+                "limits.max_image_aspect_ratio",
+                self.limits.max_image_aspect_ratio as usize,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -119,7 +119,7 @@ async fn serve(cfg: Config) -> Result<()> {
         slots.push((m.served_name(), mmserve::startup::model_kind(m)?));
     }
     let kinds: Vec<_> = slots.iter().map(|s| s.1).collect();
-    let state = Arc::new(AppState::new(slots, cfg.server.max_body_bytes));
+    let state = Arc::new(AppState::new(slots, &cfg.server));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;

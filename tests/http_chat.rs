@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{chat, chat_stream, content, streamed_text};
+use common::{chat, chat_stream, content, expected_text, greedy, streamed_text};
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
 
 const MODELS: [&str; 5] = [
     "llava-clip-llama",
@@ -14,33 +13,6 @@ const MODELS: [&str; 5] = [
     "qwen2.5-vl-tiny",
     "idefics3-tiny",
 ];
-
-fn greedy(model: &str, messages: Value, max_tokens: u32) -> Value {
-    json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
-}
-
-/// The reference greedy text, cut at the first end-of-sequence token as the
-/// server stops there.
-fn expected_text(model: &str, case: &Value) -> (String, usize, &'static str) {
-    let tok = Tokenizer::from_file(common::model_dir(model).join("tokenizer.json")).unwrap();
-    let reference = common::reference(model);
-    let mut eos = match &reference["generation_config_eos_token_id"] {
-        Value::Array(_) => common::ids(&reference["generation_config_eos_token_id"]),
-        v => vec![v.as_u64().unwrap() as u32],
-    };
-    eos.extend(
-        reference["tokenizer"]["eos_token_id"]
-            .as_u64()
-            .map(|x| x as u32),
-    );
-    let tokens = common::ids(&case["greedy_tokens"]);
-    let (cut, reason) = match tokens.iter().position(|t| eos.contains(t)) {
-        Some(i) => (i + 1, "stop"),
-        None => (tokens.len(), "length"),
-    };
-    let text = tok.decode(&tokens[..cut], true).unwrap();
-    (text, cut, reason)
-}
 
 #[tokio::test]
 async fn greedy_output_matches_transformers_for_every_case() {

@@ -7,11 +7,17 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use mmserve::api::{router, AppState};
-use mmserve::config::ModelKind;
+use mmserve::config::{Config, ModelKind, ServerConfig};
 use tower::ServiceExt;
 
+fn server() -> ServerConfig {
+    Config::load(None).expect("defaults").server
+}
+
 async fn call(method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
-    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], 1 << 20));
+    let mut small = server();
+    small.max_body_bytes = 1 << 20;
+    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], &small));
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -58,7 +64,9 @@ async fn an_oversized_body_is_413_in_the_openai_shape() {
         r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
         "x".repeat(2 << 20)
     );
-    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], 1 << 20));
+    let mut small = server();
+    small.max_body_bytes = 1 << 20;
+    let state = Arc::new(AppState::new(vec![("m".into(), ModelKind::Chat)], &small));
     let req = Request::builder()
         .method("POST")
         .uri("/v1/chat/completions")

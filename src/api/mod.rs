@@ -5,6 +5,7 @@
 mod chat;
 mod embeddings;
 pub mod error;
+mod guard;
 mod json;
 mod stream;
 
@@ -15,11 +16,12 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 
-use crate::config::ModelKind;
+use crate::config::{ModelKind, ServerConfig};
 use crate::engine::embed::EmbedHandle;
 use crate::engine::EngineHandle;
+use crate::openai::excerpt;
 use crate::openai::response::{ModelCard, ModelList};
 use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
@@ -75,12 +77,12 @@ pub struct AppState {
     pub models: Vec<ModelSlot>,
     /// Unix time the server started, reported as the models' `created`.
     pub created: u64,
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
+    /// Request size limits.
+    pub server: ServerConfig,
 }
 
 impl AppState {
-    pub fn new(models: Vec<(String, ModelKind)>, max_body_bytes: usize) -> Self {
+    pub fn new(models: Vec<(String, ModelKind)>, server: &ServerConfig) -> Self {
         AppState {
             models: models
                 .into_iter()
@@ -91,7 +93,7 @@ impl AppState {
                 })
                 .collect(),
             created: unix_now(),
-            max_body_bytes,
+            server: server.clone(),
         }
     }
 
@@ -110,7 +112,8 @@ impl AppState {
             return Err(ApiError::not_found(
                 "model_not_found",
                 format!(
-                    "The model `{name}` does not exist. Available models: {}",
+                    "The model `{}` does not exist. Available models: {}",
+                    excerpt(name),
                     names.join(", ")
                 ),
             )
@@ -156,7 +159,8 @@ pub fn unix_now() -> u64 {
 
 /// The application's routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.max_body_bytes;
+    let limit = state.server.max_body_bytes;
+    let headers = middleware::from_fn_with_state(Arc::clone(&state), guard::header_limits);
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
@@ -165,6 +169,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(headers)
         .with_state(state)
 }
 

@@ -3,6 +3,9 @@
 //! animated GIF or WebP yields its first frame, and the EXIF orientation is applied
 //! (`PIL.ImageOps.exif_transpose`). Alpha is kept; `rgb` decides what to do with it.
 //!
+//! Nothing is decoded before the header's width and height pass the [`ImageLimits`], so a small
+//! file that declares a huge image (a decompression bomb) costs only its header.
+//!
 //! JPEG pixels come from libjpeg-turbo, as in Pillow (see `jpeg`), so they are bit-identical to
 //! Pillow's; the `image` crate only reads the JPEG's EXIF orientation. Other formats are decoded
 //! by the `image` crate.
@@ -15,16 +18,31 @@ use std::io::Cursor;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 
-use super::{jpeg, PreprocessError};
+use super::{jpeg, ImageLimits, PreprocessError};
 
 /// Largest decoded buffer we accept, in bytes (the `image` crate's default limit). An RGB8 image
 /// of 178 megapixels (Pillow's own decompression-bomb error threshold) needs about this much.
 const MAX_DECODED_BYTES: u64 = 512 * 1024 * 1024;
 
+/// True for data that starts like SVG or other XML (after leading whitespace).
+fn looks_like_xml(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    let head = &bytes[start..bytes.len().min(start + 5)];
+    head.eq_ignore_ascii_case(b"<svg ") || head.starts_with(b"<?xml") || head.starts_with(b"<svg")
+}
+
 /// Sniffs the container format from the first bytes, accepting only the four we serve.
 fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::InvalidImage("empty image data".into()));
+    }
+    if looks_like_xml(bytes) {
+        return Err(PreprocessError::UnsupportedFormat(
+            "svg (vector images)".into(),
+        ));
     }
     if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         return Ok(ImageFormat::Png);
@@ -38,16 +56,18 @@ fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
     if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
         return Ok(ImageFormat::WebP);
     }
-    let name = image::guess_format(bytes)
-        .map(|f| {
+    match image::guess_format(bytes) {
+        Ok(f) => Err(PreprocessError::UnsupportedFormat(
             f.extensions_str()
                 .first()
                 .copied()
                 .unwrap_or("unknown")
-                .to_string()
-        })
-        .unwrap_or_else(|_| "unrecognized data".to_string());
-    Err(PreprocessError::UnsupportedFormat(name))
+                .to_string(),
+        )),
+        Err(_) => Err(PreprocessError::InvalidImage(
+            "the data is not a png, jpeg, webp or gif image".into(),
+        )),
+    }
 }
 
 fn map_image_error(format: ImageFormat, err: ImageError) -> PreprocessError {
@@ -61,25 +81,29 @@ fn map_image_error(format: ImageFormat, err: ImageError) -> PreprocessError {
 
 /// Decodes PNG, JPEG, WebP or GIF bytes (first frame), with the EXIF orientation applied.
 ///
-/// Errors: `UnsupportedFormat` for any other format (BMP, TIFF, ...), `InvalidImage` for empty,
-/// truncated or corrupt data, `ImageTooLarge` past the decoder memory limit. Never panics.
-pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+/// Errors: `UnsupportedFormat` for any other format (BMP, TIFF, SVG, ...), `InvalidImage` for
+/// empty, unrecognized, truncated or corrupt data, `ImageTooLarge`, `ImageTooSmall` or
+/// `AspectRatio` when the bytes or the header's size break `limits` (checked before decoding
+/// pixels) or past the decoder memory cap. Never panics.
+pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
+    limits.check_bytes(bytes.len())?;
     let format = sniff_format(bytes)?;
     if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes);
+        return decode_jpeg(bytes, limits);
     }
     let mut reader = ImageReader::new(Cursor::new(bytes));
     reader.set_format(format);
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_DECODED_BYTES);
-    reader.limits(limits);
+    let mut memory = Limits::default();
+    memory.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(memory);
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| map_image_error(format, e))?;
+    let (w, h) = decoder.dimensions();
+    limits.check_dimensions(w, h)?;
     // `into_decoder` checks dimensions but not `max_alloc` against the output buffer.
     let needed = decoder.total_bytes();
     if needed > MAX_DECODED_BYTES {
-        let (w, h) = decoder.dimensions();
         return Err(PreprocessError::ImageTooLarge(format!(
             "{w}x{h} pixels need {needed} bytes decoded (limit {MAX_DECODED_BYTES})"
         )));
@@ -110,8 +134,13 @@ fn jpeg_orientation(bytes: &[u8]) -> Orientation {
 }
 
 /// JPEG: libjpeg-turbo pixels (bit-identical to Pillow's), then the EXIF orientation.
-fn decode_jpeg(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+fn decode_jpeg(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, PreprocessError> {
     let header = jpeg::read_header(bytes)?;
+    let too_wide =
+        |_| PreprocessError::ImageTooLarge(format!("jpg: {}x{}", header.width, header.height));
+    let w = u32::try_from(header.width).map_err(too_wide)?;
+    let h = u32::try_from(header.height).map_err(too_wide)?;
+    limits.check_dimensions(w, h)?;
     let needed = header.decoded_bytes();
     if needed > MAX_DECODED_BYTES {
         return Err(PreprocessError::ImageTooLarge(format!(
@@ -128,6 +157,10 @@ fn decode_jpeg(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
 mod tests {
     use super::*;
     use image::{ExtendedColorType, ImageEncoder, Rgba, RgbaImage};
+
+    fn decode(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+        decode_image(bytes, &ImageLimits::default())
+    }
 
     fn sample(w: u32, h: u32) -> RgbaImage {
         RgbaImage::from_fn(w, h, |x, y| {
@@ -170,12 +203,78 @@ mod tests {
             ImageFormat::WebP,
             ImageFormat::Gif,
         ] {
-            let out = decode_image(&encode(format, &img)).unwrap();
+            let out = decode(&encode(format, &img)).unwrap();
             assert_eq!((out.width(), out.height()), (5, 3), "{format:?}");
             if format != ImageFormat::Jpeg {
                 // Lossless formats (the GIF palette holds these few colors exactly).
                 assert_eq!(out.to_rgba8(), img, "{format:?}");
             }
+        }
+    }
+
+    #[test]
+    fn every_format_is_checked_against_the_limits() {
+        type Is = fn(&PreprocessError) -> bool;
+        let large: Is = |e| matches!(e, PreprocessError::ImageTooLarge(_));
+        let small: Is = |e| matches!(e, PreprocessError::ImageTooSmall(_));
+        let thin: Is = |e| matches!(e, PreprocessError::AspectRatio(_));
+        let base = ImageLimits::default();
+        let cases = [
+            (
+                ImageLimits {
+                    max_width: 39,
+                    ..base
+                },
+                large,
+            ),
+            (
+                ImageLimits {
+                    max_pixels: 159,
+                    ..base
+                },
+                large,
+            ),
+            (
+                ImageLimits {
+                    max_bytes: 10,
+                    ..base
+                },
+                large,
+            ),
+            (
+                ImageLimits {
+                    min_side: 5,
+                    ..base
+                },
+                small,
+            ),
+            (
+                ImageLimits {
+                    max_aspect_ratio: 9,
+                    ..base
+                },
+                thin,
+            ),
+        ];
+        let just_fits = ImageLimits {
+            max_width: 40,
+            max_pixels: 160,
+            min_side: 4,
+            max_aspect_ratio: 10,
+            ..base
+        };
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Gif,
+        ] {
+            let bytes = encode(format, &sample(40, 4));
+            for (limits, is) in &cases {
+                let err = decode_image(&bytes, limits).unwrap_err();
+                assert!(is(&err), "{format:?} {limits:?}: {err}");
+            }
+            assert!(decode_image(&bytes, &just_fits).is_ok(), "{format:?}");
         }
     }
 
@@ -190,21 +289,18 @@ mod tests {
         ] {
             let bytes = encode(format, &img);
             for cut in [bytes.len() / 2, 20, 12] {
-                let err = decode_image(&bytes[..cut]).unwrap_err();
+                let err = decode(&bytes[..cut]).unwrap_err();
                 assert!(err.is_client_error(), "{format:?} cut at {cut}: {err}");
             }
             let mut garbled = bytes.clone();
             for b in garbled.iter_mut().skip(16) {
                 *b ^= 0x5A;
             }
-            if let Err(err) = decode_image(&garbled) {
+            if let Err(err) = decode(&garbled) {
                 assert!(err.is_client_error(), "{format:?} garbled: {err}");
             }
         }
-        assert!(matches!(
-            decode_image(&[]),
-            Err(PreprocessError::InvalidImage(_))
-        ));
+        assert!(matches!(decode(&[]), Err(PreprocessError::InvalidImage(_))));
     }
 
     /// A valid 1x1 24-bit BMP (the `image` crate is built without its BMP codec).
@@ -225,15 +321,18 @@ mod tests {
     }
 
     #[test]
-    fn bmp_and_noise_are_unsupported() {
+    fn bmp_and_svg_are_unsupported_noise_is_invalid() {
         let bmp = tiny_bmp();
-        let err = decode_image(&bmp).unwrap_err();
+        let err = decode(&bmp).unwrap_err();
         assert!(
             matches!(err, PreprocessError::UnsupportedFormat(_)),
             "{err}"
         );
         assert!(err.is_client_error());
-        let err = decode_image(b"hello, world").unwrap_err();
+        let err = decode(b"hello, world").unwrap_err();
+        assert!(matches!(err, PreprocessError::InvalidImage(_)), "{err}");
+        let svg = b"  <svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>";
+        let err = decode(svg).unwrap_err();
         assert!(
             matches!(err, PreprocessError::UnsupportedFormat(_)),
             "{err}"
@@ -264,7 +363,7 @@ mod tests {
         png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
         let crc = png_crc(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
-        let err = decode_image(&png).unwrap_err();
+        let err = decode(&png).unwrap_err();
         assert!(matches!(err, PreprocessError::ImageTooLarge(_)), "{err}");
         assert!(err.is_client_error());
     }
@@ -289,7 +388,7 @@ mod tests {
                 300,
                 4,
             ] {
-                let err = decode_image(&bytes[..cut]).unwrap_err();
+                let err = decode(&bytes[..cut]).unwrap_err();
                 assert!(
                     matches!(err, PreprocessError::InvalidImage(_)),
                     "{name} cut at {cut}: {err}"
@@ -301,7 +400,7 @@ mod tests {
             for b in garbled[n / 2..n - 2].iter_mut() {
                 *b ^= 0x5A;
             }
-            if let Err(err) = decode_image(&garbled) {
+            if let Err(err) = decode(&garbled) {
                 assert!(
                     matches!(err, PreprocessError::InvalidImage(_)),
                     "{name}: {err}"
@@ -318,8 +417,8 @@ mod tests {
         let mut junk = clean[..n - 2].to_vec();
         junk.extend_from_slice(&[0x00, 0x11, 0x22]);
         junk.extend_from_slice(&clean[n - 2..]);
-        let want = decode_image(&clean).unwrap();
-        assert_eq!(decode_image(&junk).unwrap(), want);
+        let want = decode(&clean).unwrap();
+        assert_eq!(decode(&junk).unwrap(), want);
     }
 
     #[test]
@@ -329,17 +428,17 @@ mod tests {
         let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         bytes[sof + 5..sof + 7].copy_from_slice(&60_000u16.to_be_bytes());
         bytes[sof + 7..sof + 9].copy_from_slice(&60_000u16.to_be_bytes());
-        let err = decode_image(&bytes).unwrap_err();
+        let err = decode(&bytes).unwrap_err();
         assert!(matches!(err, PreprocessError::ImageTooLarge(_)), "{err}");
     }
 
     #[test]
     fn grayscale_jpeg_stays_luma_and_orientation_applies() {
-        let gray = decode_image(&photo("preprocess/inputs/jpeg/gray.jpg")).unwrap();
+        let gray = decode(&photo("preprocess/inputs/jpeg/gray.jpg")).unwrap();
         assert!(matches!(gray, DynamicImage::ImageLuma8(_)));
         assert_eq!((gray.width(), gray.height()), (45, 31));
         // Stored 48 x 32 with EXIF Orientation 6 (rotate 90 degrees clockwise).
-        let rotated = decode_image(&photo("preprocess/inputs/exif_rotated.jpg")).unwrap();
+        let rotated = decode(&photo("preprocess/inputs/exif_rotated.jpg")).unwrap();
         assert_eq!((rotated.width(), rotated.height()), (32, 48));
     }
 
@@ -347,7 +446,7 @@ mod tests {
     fn degenerate_images_decode() {
         for (w, h) in [(1, 1), (1, 500), (500, 1)] {
             let img = sample(w, h);
-            let out = decode_image(&encode(ImageFormat::Png, &img)).unwrap();
+            let out = decode(&encode(ImageFormat::Png, &img)).unwrap();
             assert_eq!((out.width(), out.height()), (w, h));
         }
     }

@@ -5,6 +5,7 @@
 //! [`ImageProcessor::preprocess`]: RGB conversion (alpha composited on white, as transformers 5's
 //! `convert_to_rgb`), Pillow-exact resize, center crop (zero padding when too small), rescale and
 //! normalize. Sub-modules:
+//! - `limits`: what an upload may be (bytes, declared size, aspect ratio), checked before decoding.
 //! - `decode`: bytes → `DynamicImage`.
 //! - `rgb`: `DynamicImage` → 8-bit RGB the way `PIL.Image.convert` / `alpha_composite` do it.
 //! - `resample`: Pillow's `Image.resize` (ImagingResample / nearest affine), bit-exact on uint8.
@@ -15,6 +16,7 @@
 mod config;
 mod decode;
 mod jpeg;
+mod limits;
 mod processor;
 mod resample;
 mod rgb;
@@ -25,6 +27,7 @@ mod reference_tests;
 
 pub use config::ImageProcessor;
 pub use decode::decode_image;
+pub use limits::ImageLimits;
 pub use resample::{resize_rgb8, resize_rgb8_window, Resample, Window};
 pub use rgb::to_rgb8_like_pil;
 pub use vlm::{
@@ -41,9 +44,15 @@ pub enum PreprocessError {
     /// The bytes are not PNG, JPEG, WebP or GIF.
     #[error("unsupported image format: {0}; supported formats are png, jpeg, webp and gif")]
     UnsupportedFormat(String),
-    /// The image is valid but exceeds the decoder's memory limits.
+    /// The image is valid but larger than accepted (bytes, declared size, decoder memory).
     #[error("image too large: {0}")]
     ImageTooLarge(String),
+    /// The image is smaller than accepted.
+    #[error("image too small: {0}")]
+    ImageTooSmall(String),
+    /// One side is too many times the other.
+    #[error("image aspect ratio too extreme: {0}")]
+    AspectRatio(String),
     /// The `preprocessor_config.json` is unreadable, malformed or asks for something unsupported.
     #[error("invalid image processor config: {0}")]
     Config(String),
@@ -57,7 +66,11 @@ impl PreprocessError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            Self::InvalidImage(_) | Self::UnsupportedFormat(_) | Self::ImageTooLarge(_)
+            Self::InvalidImage(_)
+                | Self::UnsupportedFormat(_)
+                | Self::ImageTooLarge(_)
+                | Self::ImageTooSmall(_)
+                | Self::AspectRatio(_)
         )
     }
 }

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 use image::{DynamicImage, RgbaImage};
 use serde_json::Value;
 
-use super::{decode_image, resize_rgb8, to_rgb8_like_pil, ImageProcessor, Resample};
+use super::{decode_image, resize_rgb8, to_rgb8_like_pil, ImageLimits, ImageProcessor, Resample};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess")
@@ -33,7 +33,7 @@ fn cases(file: &str) -> Vec<Value> {
 
 fn load(rel: &str) -> DynamicImage {
     let bytes = std::fs::read(fixtures().join("inputs").join(rel)).unwrap();
-    decode_image(&bytes).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    decode_image(&bytes, &ImageLimits::default()).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 /// FNV-1a 64, the hash the generator stores for each expected uint8 buffer.
@@ -172,7 +172,8 @@ fn jpeg_decoding_is_bit_exact_with_pillow() {
     for case in all {
         let path = case["path"].as_str().unwrap();
         let bytes = std::fs::read(root.join(path)).unwrap();
-        let img = decode_image(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let img =
+            decode_image(&bytes, &ImageLimits::default()).unwrap_or_else(|e| panic!("{path}: {e}"));
         let rgb = to_rgb8_like_pil(&img);
         assert_eq!(
             rgb.dimensions(),
@@ -212,7 +213,7 @@ fn pixel_values_match_transformers_pil_backend() {
         let processor =
             ImageProcessor::from_file(&root.join(config).join("preprocessor_config.json")).unwrap();
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(case["image_path"].as_str().unwrap());
-        let img = decode_image(&std::fs::read(&path).unwrap()).unwrap();
+        let img = decode_image(&std::fs::read(&path).unwrap(), &ImageLimits::default()).unwrap();
         let ours = processor.preprocess(&img).unwrap();
         let (h, w) = processor.output_size();
         assert_eq!(ours.dims(), &[3, h, w], "{config}/{image}");

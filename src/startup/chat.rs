@@ -47,6 +47,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
     let sampling_defaults = read_json(&dir.join("generation_config.json"))?
         .map(|g| SamplingDefaults::from_generation_config(&g))
         .unwrap_or_default();
+    let tokens = Arc::new(TokenTable::new(&tokenizer));
     let validator = Validator {
         tokenizer: Arc::clone(&tokenizer),
         template,
@@ -55,14 +56,16 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         image_token_id,
         bos_token,
         max_context: model.max_context(),
+        max_token_bytes: tokens.longest_token_bytes(),
         limits: ValidationLimits {
             max_images_per_request: cfg.limits.max_images_per_request,
             max_n: cfg.limits.max_n,
+            max_top_logprobs: cfg.limits.max_top_logprobs,
+            image: cfg.limits.image(),
             default_max_tokens: cfg.engine.default_max_tokens,
         },
         sampling_defaults,
     };
-    let tokens = Arc::new(TokenTable::new(&tokenizer));
     let core = EngineCore::new(EngineParts {
         model,
         tokenizer,

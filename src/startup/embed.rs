@@ -13,6 +13,7 @@ use crate::config::{Config, ModelConfig};
 use crate::engine::embed::EmbedHandle;
 use crate::model::embed::EmbeddingModel;
 use crate::preprocess::ImageProcessor;
+use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
 
 pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<()>)> {
@@ -23,13 +24,16 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
     let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
     let model = EmbeddingModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let max_token_bytes = TokenTable::new(&tokenizer).longest_token_bytes();
     let validator = EmbedValidator {
         tokenizer: Arc::new(tokenizer),
         processor,
         max_text_len: model.max_text_len(),
+        max_token_bytes,
         padding: model.text_padding(),
         dim: model.dim(),
         max_inputs: cfg.limits.max_embedding_inputs,
+        image_limits: cfg.limits.image(),
     };
     let (engine, join) = EmbedHandle::spawn(model, cfg.engine.max_embedding_batch)
         .context("cannot start the embedding engine thread")?;

@@ -88,6 +88,16 @@ impl TokenTable {
         }
     }
 
+    /// Bytes of the longest token: no token covers more text than this, so a text of `n`
+    /// bytes takes at least `n / longest_token_bytes()` tokens.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether `id` is a special added token (dropped by `skip_special_tokens`).
     pub fn is_special(&self, id: u32) -> bool {
         self.kind(id) == TokenKind::Special

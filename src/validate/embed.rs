@@ -11,8 +11,9 @@ use super::ValidationError;
 use crate::engine::embed::EmbedInput;
 use crate::model::embed::TextPadding;
 use crate::openai::embeddings::{EmbeddingItem, EmbeddingRequest};
+use crate::openai::excerpt;
 use crate::openai::request::ContentPart;
-use crate::preprocess::ImageProcessor;
+use crate::preprocess::{ImageLimits, ImageProcessor};
 
 /// How vectors are written back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +29,15 @@ pub struct EmbedValidator {
     pub processor: ImageProcessor,
     /// Longest text in tokens, special tokens included.
     pub max_text_len: usize,
+    /// Bytes of the tokenizer's longest token (see [`super::check_text_fits`]).
+    pub max_token_bytes: usize,
     pub padding: TextPadding,
     /// Vector size; the only `dimensions` accepted.
     pub dim: usize,
     /// Most inputs in one request.
     pub max_inputs: usize,
+    /// What each image may be.
+    pub image_limits: ImageLimits,
 }
 
 pub struct ValidEmbedRequest {
@@ -51,7 +56,10 @@ impl EmbedValidator {
             Some(other) => {
                 return Err(ValidationError::invalid(
                     "encoding_format",
-                    format!("`encoding_format` must be `float` or `base64`, got `{other}`"),
+                    format!(
+                        "`encoding_format` must be `float` or `base64`, got `{}`",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -103,12 +111,20 @@ impl EmbedValidator {
             EmbeddingItem::Ids(ids) => self.check_ids(ids, &param),
             EmbeddingItem::Part(ContentPart::ImageUrl { image_url }) => {
                 let param = format!("{param}.image_url");
-                load_image(&image_url.url, &self.processor, &param).map(EmbedInput::Image)
+                load_image(&image_url.url, &self.processor, &self.image_limits, &param)
+                    .map(EmbedInput::Image)
             }
         }
     }
 
     fn tokenize(&self, text: &str, param: &str) -> Result<EmbedInput, ValidationError> {
+        super::check_text_fits(text.len(), self.max_token_bytes, self.max_text_len).map_err(
+            |message| ValidationError::Invalid {
+                message,
+                param: Some(param.to_string()),
+                code: "context_length_exceeded",
+            },
+        )?;
         let enc = self
             .tokenizer
             .encode(text, true)

@@ -3,7 +3,8 @@
 
 use super::image::decode_data_url;
 use super::vision::{Prepared, VisionPrep};
-use super::ValidationError;
+use super::{ValidationError, ValidationLimits};
+use crate::openai::excerpt;
 use crate::openai::request::{ChatMessage, ContentPart, MessageContent};
 use crate::prompt::{ContentPart as Part, PromptMessage};
 
@@ -14,13 +15,13 @@ pub struct Converted {
     pub images: Vec<Prepared>,
 }
 
-/// Checks roles, refuses text that spells the image placeholder, and decodes
-/// every image.
+/// Checks roles, refuses text that spells the image placeholder, counts the
+/// images, and only then decodes every image.
 pub fn convert(
     messages: &[ChatMessage],
     image_token: &str,
     vision: &VisionPrep,
-    max_images: usize,
+    limits: &ValidationLimits,
 ) -> Result<Converted, ValidationError> {
     if messages.is_empty() {
         return Err(ValidationError::invalid(
@@ -28,6 +29,7 @@ pub fn convert(
             "`messages` must contain at least one message".into(),
         ));
     }
+    count_images(messages, limits.max_images_per_request)?;
     let mut out = Converted {
         messages: Vec::with_capacity(messages.len()),
         images: Vec::new(),
@@ -40,20 +42,23 @@ pub fn convert(
                 check_text(t, image_token, format!("messages[{i}].content"))?;
                 vec![Part::Text(t.clone())]
             }
+            Some(MessageContent::Parts(parts)) if parts.is_empty() => {
+                return Err(ValidationError::invalid(
+                    &format!("messages[{i}].content"),
+                    "a content list must hold at least one part".into(),
+                ))
+            }
             Some(MessageContent::Parts(parts)) => {
                 let mut v = Vec::with_capacity(parts.len());
                 for (j, part) in parts.iter().enumerate() {
-                    // Refuse the image before decoding it.
-                    let is_image = matches!(part, ContentPart::ImageUrl { .. });
-                    if is_image && out.images.len() >= max_images {
-                        return Err(ValidationError::Invalid {
-                            message: format!("at most {max_images} images are allowed per request"),
-                            param: Some(format!("messages[{i}].content[{j}]")),
-                            code: "too_many_images",
-                        });
-                    }
-                    let part = convert_part(part, i, j, image_token, vision, &mut out.images)?;
-                    v.push(part);
+                    let ctx = PartContext {
+                        i,
+                        j,
+                        image_token,
+                        vision,
+                        limits,
+                    };
+                    v.push(convert_part(part, &ctx, &mut out.images)?);
                 }
                 v
             }
@@ -66,6 +71,46 @@ pub fn convert(
     Ok(out)
 }
 
+/// Bytes of text in the messages.
+pub fn text_bytes(messages: &[ChatMessage]) -> usize {
+    let part = |p: &ContentPart| match p {
+        ContentPart::Text { text } => text.len(),
+        ContentPart::ImageUrl { .. } => 0,
+    };
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            None => 0,
+            Some(MessageContent::Text(t)) => t.len(),
+            Some(MessageContent::Parts(parts)) => parts.iter().map(part).sum(),
+        })
+        .sum()
+}
+
+/// Refuses a request with too many images before any is decoded, naming the
+/// first one past the limit.
+fn count_images(messages: &[ChatMessage], max_images: usize) -> Result<(), ValidationError> {
+    let mut seen = 0;
+    for (i, msg) in messages.iter().enumerate() {
+        let Some(MessageContent::Parts(parts)) = &msg.content else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            if matches!(part, ContentPart::ImageUrl { .. }) {
+                seen += 1;
+                if seen > max_images {
+                    return Err(ValidationError::Invalid {
+                        message: format!("at most {max_images} images are allowed per request"),
+                        param: Some(format!("messages[{i}].content[{j}]")),
+                        code: "too_many_images",
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn role(role: &str, i: usize) -> Result<String, ValidationError> {
     match role {
         "system" | "user" | "assistant" => Ok(role.to_string()),
@@ -73,32 +118,43 @@ fn role(role: &str, i: usize) -> Result<String, ValidationError> {
         "developer" => Ok("system".to_string()),
         other => Err(ValidationError::invalid(
             &format!("messages[{i}].role"),
-            format!("unsupported role `{other}`: use system, developer, user or assistant"),
+            format!(
+                "unsupported role `{}`: use system, developer, user or assistant",
+                excerpt(other)
+            ),
         )),
     }
 }
 
-fn convert_part(
-    part: &ContentPart,
+/// Where a content part sits and what converting it needs.
+struct PartContext<'a> {
+    /// Message and part index.
     i: usize,
     j: usize,
-    image_token: &str,
-    vision: &VisionPrep,
+    image_token: &'a str,
+    vision: &'a VisionPrep,
+    limits: &'a ValidationLimits,
+}
+
+fn convert_part(
+    part: &ContentPart,
+    ctx: &PartContext,
     images: &mut Vec<Prepared>,
 ) -> Result<Part, ValidationError> {
+    let (i, j) = (ctx.i, ctx.j);
     match part {
         ContentPart::Text { text } => {
             check_text(
                 text,
-                image_token,
+                ctx.image_token,
                 format!("messages[{i}].content[{j}].text"),
             )?;
             Ok(Part::Text(text.clone()))
         }
         ContentPart::ImageUrl { image_url } => {
             let param = format!("messages[{i}].content[{j}].image_url");
-            let img = decode_data_url(&image_url.url, &param)?;
-            images.push(vision.prepare(&img, &param)?);
+            let img = decode_data_url(&image_url.url, &ctx.limits.image, &param)?;
+            images.push(ctx.vision.prepare(&img, &param)?);
             Ok(Part::Image)
         }
     }

@@ -16,6 +16,7 @@ use tokenizers::Tokenizer;
 use crate::engine::sampling::SamplingParams;
 use crate::model::ImageInput;
 use crate::openai::request::ChatCompletionRequest;
+use crate::preprocess::ImageLimits;
 use crate::prompt::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,9 @@ impl ValidationError {
 pub struct ValidationLimits {
     pub max_images_per_request: usize,
     pub max_n: usize,
+    pub max_top_logprobs: usize,
+    /// What each image may be.
+    pub image: ImageLimits,
     /// Completion length when the request gives none (capped by the context).
     pub default_max_tokens: usize,
 }
@@ -69,6 +73,8 @@ pub struct Validator {
     pub bos_token: Option<String>,
     /// Context length in tokens.
     pub max_context: usize,
+    /// Bytes of the tokenizer's longest token (see [`check_text_fits`]).
+    pub max_token_bytes: usize,
     pub limits: ValidationLimits,
     /// Sampling defaults from the model's generation config.
     pub sampling_defaults: params::SamplingDefaults,
@@ -93,15 +99,14 @@ impl Validator {
         &self,
         req: &ChatCompletionRequest,
     ) -> Result<ValidChatRequest, ValidationError> {
-        let sampling = params::sampling(req, &self.sampling_defaults)?;
+        let sampling =
+            params::sampling(req, &self.sampling_defaults, self.limits.max_top_logprobs)?;
         let n = params::n(req, self.limits.max_n)?;
         let stop = params::stop(req)?;
-        let conv = messages::convert(
-            &req.messages,
-            &self.image_token,
-            &self.vision,
-            self.limits.max_images_per_request,
-        )?;
+        let text_bytes = messages::text_bytes(&req.messages);
+        check_text_fits(text_bytes, self.max_token_bytes, self.max_context)
+            .map_err(ValidationError::ContextLength)?;
+        let conv = messages::convert(&req.messages, &self.image_token, &self.vision, &self.limits)?;
         let prompt_ids = self.prompt_ids(&conv.messages, &conv.images)?;
         let max_tokens = params::max_tokens(
             req,
@@ -169,6 +174,26 @@ impl Validator {
     }
 }
 
+/// Refuses text that cannot fit a context of `context` tokens however it
+/// tokenizes, before the expensive work (decoding images, tokenizing): no
+/// token covers more than `max_token_bytes` bytes. (A tokenizer whose
+/// normalizer deletes characters could fit more; not for megabytes of text.)
+pub fn check_text_fits(
+    text_bytes: usize,
+    max_token_bytes: usize,
+    context: usize,
+) -> Result<(), String> {
+    let at_least = text_bytes.div_ceil(max_token_bytes.max(1));
+    if at_least > context {
+        return Err(format!(
+            "This model's maximum context length is {context} tokens. However, the text holds \
+             {text_bytes} bytes, at least {at_least} tokens. Please reduce the length of the \
+             input."
+        ));
+    }
+    Ok(())
+}
+
 /// Replaces the i-th image placeholder the template wrote with image i's
 /// expansion, as transformers' processors do before tokenizing. (Users cannot
 /// type the placeholder: `messages` refused it.)
@@ -203,8 +228,8 @@ pub fn expand_placeholders(
 
 #[cfg(test)]
 mod tests {
-    use super::expand_placeholders;
     use super::vision::Prepared;
+    use super::{check_text_fits, expand_placeholders};
     use crate::model::ImageInput;
 
     fn image(tokens: usize, layout: Option<&str>) -> Prepared {
@@ -222,6 +247,13 @@ mod tests {
         let out = expand_placeholders("x<i>y<i>z", "<i>", &imgs).unwrap();
         assert_eq!(out, "x<i><i><i>y<a><i><i><b>z");
         assert_eq!(expand_placeholders("plain", "<i>", &[]).unwrap(), "plain");
+    }
+
+    #[test]
+    fn text_longer_than_the_context_can_hold_is_refused_from_its_length() {
+        assert!(check_text_fits(400, 4, 100).is_ok());
+        assert!(check_text_fits(401, 4, 100).is_err());
+        assert!(check_text_fits(5, 0, 100).is_ok(), "no division by zero");
     }
 
     #[test]

@@ -6,8 +6,6 @@ use crate::openai::request::ChatCompletionRequest;
 
 /// Most stop strings OpenAI accepts.
 const MAX_STOP: usize = 4;
-/// Most `top_logprobs` OpenAI accepts.
-const MAX_TOP_LOGPROBS: u32 = 20;
 
 fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ValidationError> {
     match v {
@@ -44,6 +42,7 @@ impl SamplingDefaults {
 pub fn sampling(
     req: &ChatCompletionRequest,
     defaults: &SamplingDefaults,
+    max_top_logprobs: usize,
 ) -> Result<SamplingParams, ValidationError> {
     in_range("temperature", req.temperature, 0.0, 2.0)?;
     in_range("top_p", req.top_p, 0.0, 1.0)?;
@@ -66,11 +65,11 @@ pub fn sampling(
         }
     };
     let logprobs = req.logprobs.unwrap_or(false);
-    let top_logprobs = req.top_logprobs.unwrap_or(0);
-    if top_logprobs > MAX_TOP_LOGPROBS {
+    let top_logprobs = req.top_logprobs.unwrap_or(0) as usize;
+    if top_logprobs > max_top_logprobs {
         return Err(ValidationError::invalid(
             "top_logprobs",
-            format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {top_logprobs}"),
+            format!("`top_logprobs` must be at most {max_top_logprobs}, got {top_logprobs}"),
         ));
     }
     if top_logprobs > 0 && !logprobs {
@@ -87,7 +86,7 @@ pub fn sampling(
         frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         seed: 0,
         logprobs,
-        top_logprobs: top_logprobs as usize,
+        top_logprobs,
     })
 }
 
@@ -187,7 +186,7 @@ mod tests {
             ("presence_penalty", -3.0),
             ("frequency_penalty", 2.1),
         ] {
-            let e = sampling(&req(serde_json::json!({ field: v })), &NONE).unwrap_err();
+            let e = sampling(&req(serde_json::json!({ field: v })), &NONE, 20).unwrap_err();
             assert_eq!(param_of(e).as_deref(), Some(field));
         }
     }
@@ -203,24 +202,24 @@ mod tests {
         let d = SamplingDefaults::from_generation_config(
             &serde_json::json!({"temperature": 0.5, "top_k": 20, "eos_token_id": 2}),
         );
-        let p = sampling(&req(serde_json::json!({"top_k": 5})), &d).unwrap();
+        let p = sampling(&req(serde_json::json!({"top_k": 5})), &d, 20).unwrap();
         assert_eq!((p.temperature, p.top_p, p.top_k), (0.5, 1.0, 5));
     }
 
     #[test]
     fn defaults_match_openai() {
-        let p = sampling(&req(serde_json::json!({})), &NONE).unwrap();
+        let p = sampling(&req(serde_json::json!({})), &NONE, 20).unwrap();
         assert_eq!((p.temperature, p.top_p, p.top_k), (1.0, 1.0, 0));
         assert!(!p.logprobs);
     }
 
     #[test]
     fn top_logprobs_needs_logprobs_and_a_bound() {
-        assert!(sampling(&req(serde_json::json!({"top_logprobs": 2})), &NONE).is_err());
+        assert!(sampling(&req(serde_json::json!({"top_logprobs": 2})), &NONE, 20).is_err());
         let many = serde_json::json!({"logprobs": true, "top_logprobs": 21});
-        assert!(sampling(&req(many), &NONE).is_err());
+        assert!(sampling(&req(many), &NONE, 20).is_err());
         let three = serde_json::json!({"logprobs": true, "top_logprobs": 3});
-        let p = sampling(&req(three), &NONE).unwrap();
+        let p = sampling(&req(three), &NONE, 20).unwrap();
         assert_eq!(p.top_logprobs, 3);
     }
 

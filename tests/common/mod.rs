@@ -10,7 +10,8 @@ use base64::Engine as _;
 use mmserve::api::{router, AppState};
 use mmserve::config::{Config, ModelConfig};
 use mmserve::startup;
-use serde_json::Value;
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -46,7 +47,7 @@ pub fn start(cfg: Config) -> String {
             for m in &cfg.models {
                 slots.push((m.served_name(), startup::model_kind(m).expect("kind")));
             }
-            let state = Arc::new(AppState::new(slots.clone(), cfg.server.max_body_bytes));
+            let state = Arc::new(AppState::new(slots.clone(), &cfg.server));
             for (m, (name, kind)) in cfg.models.iter().zip(slots) {
                 let (served, _join) = startup::load(&cfg, m, kind).expect("model loads");
                 assert!(state.install(&name, served));
@@ -147,6 +148,17 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// GETs a path; returns status and JSON body.
+pub async fn get(base: &str, path: &str) -> (u16, Value) {
+    let resp = client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON body"))
+}
+
 /// POSTs a chat request; returns status and JSON body.
 pub async fn chat(base: &str, body: &Value) -> (u16, Value) {
     let resp = client()
@@ -208,4 +220,31 @@ pub fn streamed_text(events: &[Value], index: u64) -> String {
         .filter(|e| e["choices"][0]["index"] == index)
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
         .collect()
+}
+
+pub fn greedy(model: &str, messages: Value, max_tokens: u32) -> Value {
+    json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
+}
+
+/// The reference greedy text, cut at the first end-of-sequence token as the
+/// server stops there.
+pub fn expected_text(model: &str, case: &Value) -> (String, usize, &'static str) {
+    let tok = Tokenizer::from_file(model_dir(model).join("tokenizer.json")).unwrap();
+    let reference = reference(model);
+    let mut eos = match &reference["generation_config_eos_token_id"] {
+        Value::Array(_) => ids(&reference["generation_config_eos_token_id"]),
+        v => vec![v.as_u64().unwrap() as u32],
+    };
+    eos.extend(
+        reference["tokenizer"]["eos_token_id"]
+            .as_u64()
+            .map(|x| x as u32),
+    );
+    let tokens = ids(&case["greedy_tokens"]);
+    let (cut, reason) = match tokens.iter().position(|t| eos.contains(t)) {
+        Some(i) => (i + 1, "stop"),
+        None => (tokens.len(), "length"),
+    };
+    let text = tok.decode(&tokens[..cut], true).unwrap();
+    (text, cut, reason)
 }

@@ -75,7 +75,7 @@ pub fn smart_resize(
 ) -> Result<(u32, u32), PreprocessError> {
     let (h, w, f) = (f64::from(height), f64::from(width), f64::from(factor));
     if height == 0 || width == 0 || h.max(w) / h.min(w) > MAX_ASPECT_RATIO {
-        return Err(PreprocessError::InvalidImage(format!(
+        return Err(PreprocessError::AspectRatio(format!(
             "a {width}x{height} image has an aspect ratio above {MAX_ASPECT_RATIO}"
         )));
     }

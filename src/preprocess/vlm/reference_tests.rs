@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{Idefics3ImageProcessor, Qwen2VlImageProcessor};
-use crate::preprocess::decode_image;
+use crate::preprocess::{decode_image, ImageLimits};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/vlm")
@@ -46,7 +46,7 @@ fn run(case: &Value) -> (Tensor, Vec<usize>) {
         .join(case["config"].as_str().unwrap())
         .join("preprocessor_config.json");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(case["image_path"].as_str().unwrap());
-    let img = decode_image(&std::fs::read(&path).unwrap()).unwrap();
+    let img = decode_image(&std::fs::read(&path).unwrap(), &ImageLimits::default()).unwrap();
     if case["config"].as_str().unwrap().starts_with("qwen") {
         let out = Qwen2VlImageProcessor::from_file(&config)
             .unwrap()
