@@ -29,6 +29,35 @@ pub struct ServerConfig {
     /// Most request headers, and their total bytes (names and values).
     pub max_header_count: usize,
     pub max_header_bytes: usize,
+    /// Keys accepted as `Authorization: Bearer KEY`; empty: no key needed.
+    /// `Config::load` adds those of `api_keys_file`, `main` those of the
+    /// `--api-key` flag / `MMSERVE_API_KEYS`.
+    pub api_keys: Vec<String>,
+    /// A file of keys, one per line (`#` starts a comment); empty: none.
+    pub api_keys_file: PathBuf,
+    /// Origins a browser may call the API from (CORS); empty: CORS off; `*`: any.
+    pub cors_allow_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// Adds the keys of `api_keys_file`, if one is set.
+    fn read_api_keys_file(&mut self) -> Result<(), ConfigError> {
+        if self.api_keys_file.as_os_str().is_empty() {
+            return Ok(());
+        }
+        let path = &self.api_keys_file;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let keys = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|k| !k.is_empty())
+            .map(str::to_string);
+        self.api_keys.extend(keys);
+        Ok(())
+    }
 }
 
 /// One served model.
@@ -171,9 +200,10 @@ impl Config {
             merge(&mut base, user);
         }
         let origin = file.map_or("defaults".to_string(), |p| p.display().to_string());
-        let cfg: Config = toml::Value::Table(base)
+        let mut cfg: Config = toml::Value::Table(base)
             .try_into()
             .map_err(|source| ConfigError::Parse { origin, source })?;
+        cfg.server.read_api_keys_file()?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -219,6 +249,21 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(ConfigError::Invalid(
+                "server.api_keys must not hold an empty key".into(),
+            ));
+        }
+        let bad_origin = |o: &&String| {
+            let web = o.starts_with("http://") || o.starts_with("https://");
+            !(o.as_str() == "*"
+                || web && !o.contains(|c: char| c.is_whitespace() || c.is_control()))
+        };
+        if let Some(o) = self.server.cors_allow_origins.iter().find(bad_origin) {
+            return Err(ConfigError::Invalid(format!(
+                "server.cors_allow_origins: `{o}` is not `*` or an http(s) origin"
+            )));
         }
         let mut names: Vec<String> = self.models.iter().map(|m| m.served_name()).collect();
         names.sort();
@@ -300,6 +345,37 @@ mod tests {
         assert!(Config::load(Some(&f)).is_err(), "unknown keys are refused");
         std::fs::write(&f, "[engine]\nmax_num_seqs = 0\n").unwrap();
         assert!(Config::load(Some(&f)).is_err());
+    }
+
+    #[test]
+    fn api_keys_come_from_the_config_and_its_key_file() {
+        let dir = std::env::temp_dir().join(format!("mmserve-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys");
+        std::fs::write(
+            &keys,
+            "# team keys
+sk-one
+
+  sk-two  # ci
+",
+        )
+        .unwrap();
+        let f = dir.join("c.toml");
+        let toml = format!(
+            "[server]\napi_keys = [\"sk-zero\"]\napi_keys_file = {:?}\n",
+            keys.display().to_string()
+        );
+        std::fs::write(&f, toml).unwrap();
+        let cfg = Config::load(Some(&f)).unwrap();
+        assert_eq!(cfg.server.api_keys, ["sk-zero", "sk-one", "sk-two"]);
+        std::fs::write(&f, "[server]\napi_keys_file = \"/nonexistent/keys\"\n").unwrap();
+        assert!(
+            Config::load(Some(&f)).is_err(),
+            "a missing key file is an error"
+        );
+        std::fs::write(&f, "[server]\napi_keys = [\" \"]\n").unwrap();
+        assert!(Config::load(Some(&f)).is_err(), "an empty key is refused");
     }
 
     #[test]

@@ -51,6 +51,15 @@ struct ServeArgs {
     /// Most tokens in one forward pass.
     #[arg(long)]
     max_batched_tokens: Option<usize>,
+    /// An API key clients must send as `Authorization: Bearer KEY` (repeatable, or
+    /// comma-separated in the environment variable); added to the config's keys.
+    #[arg(
+        long = "api-key",
+        env = "MMSERVE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
 }
 
 impl ServeArgs {
@@ -81,6 +90,12 @@ impl ServeArgs {
         if let Some(n) = self.max_batched_tokens {
             cfg.engine.max_batched_tokens = n;
         }
+        let keys = self
+            .api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty());
+        cfg.server.api_keys.extend(keys.map(str::to_string));
         cfg.check()?;
         if cfg.models.is_empty() {
             anyhow::bail!(
@@ -123,7 +138,12 @@ async fn serve(cfg: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    tracing::info!(%addr, "listening; loading the models");
+    tracing::info!(
+        %addr,
+        api_keys = cfg.server.api_keys.len(),
+        cors_origins = ?cfg.server.cors_allow_origins,
+        "listening; loading the models"
+    );
 
     // Load off the runtime; /health answers 503 meanwhile.
     let loader_state = Arc::clone(&state);

@@ -41,6 +41,7 @@ fn help_explains_every_flag() {
         "--dtype",
         "--max-num-seqs",
         "--max-batched-tokens",
+        "--api-key",
     ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }

@@ -13,10 +13,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::{ModelKind, ServerConfig};
 use crate::engine::embed::EmbedHandle;
@@ -161,7 +162,9 @@ pub fn unix_now() -> u64 {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.server.max_body_bytes;
     let headers = middleware::from_fn_with_state(Arc::clone(&state), guard::header_limits);
-    Router::new()
+    let keys = middleware::from_fn_with_state(Arc::clone(&state), guard::api_key);
+    let cors = cors(&state.server.cors_allow_origins);
+    let app = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
@@ -169,8 +172,34 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(keys)
         .layer(headers)
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so that preflights (which carry no key) are answered.
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS for the configured origins; none when the list is empty.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            // `Authorization` cannot be allowed by a wildcard: echo what is asked.
+            .allow_headers(AllowHeaders::mirror_request())
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// Every configured model, loaded or not; `max_model_len` once loaded.
