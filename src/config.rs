@@ -18,6 +18,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub limits: LimitsConfig,
+    pub debug: DebugConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub api_keys_file: PathBuf,
     /// Origins a browser may call the API from (CORS); empty: CORS off; `*`: any.
     pub cors_allow_origins: Vec<String>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub drain_timeout_secs: u64,
 }
 
 impl ServerConfig {
@@ -140,6 +143,26 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     pub default_max_tokens: usize,
     pub max_embedding_batch: usize,
+    /// Most sequences waiting for a seat per engine; beyond it, 429.
+    pub max_waiting: usize,
+    /// Deadline of a request (queue and generation), in seconds; 0: none.
+    pub request_timeout_secs: u64,
+}
+
+impl EngineConfig {
+    /// The configured request deadline, if any.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        (self.request_timeout_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.request_timeout_secs))
+    }
+}
+
+/// Switches for tests; all off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConfig {
+    /// Honour the `x-mmserve-test-hook` request header (fault injection).
+    pub test_hooks: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +267,7 @@ impl Config {
                 "limits.max_image_aspect_ratio",
                 self.limits.max_image_aspect_ratio as usize,
             ),
+            ("engine.max_waiting", self.engine.max_waiting),
         ];
         for (name, v) in positive {
             if v == 0 {

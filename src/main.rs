@@ -1,14 +1,17 @@
 //! The `mmserve` binary: command-line flags, logging, start-up, and the HTTP
-//! server with graceful shutdown.
+//! server until a signal (drain, exit 0) or a fatal error (exit non-zero).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mmserve::api::{router, AppState};
+use mmserve::api::{lifecycle, AppState};
 use mmserve::config::{Config, Dtype, ModelConfig};
+use tokio::sync::mpsc;
 
 /// An OpenAI-compatible inference server for vision-language models.
 #[derive(Parser, Debug)]
@@ -118,11 +121,24 @@ fn main() -> Result<()> {
         None => ServeArgs::default(),
     };
     let cfg = args.config()?;
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(serve(cfg))
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(serve(cfg));
+    // Do not wait for a model still loading on a blocking thread.
+    rt.shutdown_background();
+    result
+}
+
+/// Why the server stops.
+enum Stop {
+    /// SIGTERM or SIGINT: drain, then exit 0.
+    Signal,
+    /// A model could not load: exit non-zero with the reason.
+    LoadFailed(anyhow::Error),
+    /// An engine thread ended: exit non-zero so the orchestrator restarts us.
+    EngineDied(String),
 }
 
 async fn serve(cfg: Config) -> Result<()> {
@@ -138,35 +154,65 @@ async fn serve(cfg: Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(
         %addr,
         api_keys = cfg.server.api_keys.len(),
         cors_origins = ?cfg.server.cors_allow_origins,
         "listening; loading the models"
     );
+    let drain_timeout = Duration::from_secs(cfg.server.drain_timeout_secs);
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
 
     // Load off the runtime; /health answers 503 meanwhile.
     let loader_state = Arc::clone(&state);
-    let loading = tokio::task::spawn_blocking(move || -> Result<()> {
+    let loader_stop = stop_tx.clone();
+    tokio::task::spawn_blocking(move || {
         for (m, kind) in cfg.models.iter().zip(kinds) {
-            let (served, _engine_thread) = mmserve::startup::load(&cfg, m, kind)?;
-            loader_state.install(&m.served_name(), served);
-            tracing::info!(model = %m.served_name(), path = %m.path.display(), "model loaded");
+            let name = m.served_name();
+            match mmserve::startup::load(&cfg, m, kind) {
+                Ok((served, engine_thread)) => {
+                    loader_state.install(&name, served);
+                    watch_engine(engine_thread, name.clone(), loader_stop.clone());
+                    tracing::info!(model = %name, path = %m.path.display(), "model loaded");
+                }
+                Err(e) => {
+                    let _ = loader_stop.send(Stop::LoadFailed(e));
+                    return;
+                }
+            }
         }
-        Ok(())
     });
-    let app = router(state);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(Stop::Signal);
+        shutdown_signal().await;
+        tracing::warn!("second signal: stopping now");
+        std::process::exit(1);
     });
-    // A model that cannot load stops the process with the reason.
-    loading.await.context("model loading panicked")??;
-    server
+    let stop = async move { stop_rx.recv().await.unwrap_or(Stop::Signal) };
+    let reason = lifecycle::serve(listener, state, stop, drain_timeout)
         .await
-        .context("server task failed")?
-        .context("server error")
+        .context("server error")?;
+    match reason {
+        Stop::Signal => Ok(()),
+        Stop::LoadFailed(e) => Err(e),
+        Stop::EngineDied(name) => anyhow::bail!("the engine of `{name}` stopped; exiting"),
+    }
+}
+
+/// Reports an engine thread's end (a panic outside the per-request guards).
+fn watch_engine(thread: JoinHandle<()>, name: String, stop: mpsc::UnboundedSender<Stop>) {
+    let watcher = std::thread::Builder::new()
+        .name("mmserve-watch".into())
+        .spawn(move || {
+            let _ = thread.join();
+            tracing::error!(model = %name, "engine thread stopped");
+            let _ = stop.send(Stop::EngineDied(name));
+        });
+    if let Err(e) = watcher {
+        tracing::warn!(error = %e, "cannot watch an engine thread");
+    }
 }
 
 async fn shutdown_signal() {

@@ -2,8 +2,10 @@
 //! answer with one JSON body or an SSE stream.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -11,7 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::{stream, unix_now, AppState, ChatServing};
-use crate::engine::{EngineRequest, Event, TokenLogprobs};
+use crate::engine::{EngineRequest, Event, TestHook, TokenLogprobs};
 use crate::openai::request::ChatCompletionRequest;
 use crate::openai::response::{
     AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, TokenLogprob, TopLogprob, Usage,
@@ -19,17 +21,31 @@ use crate::openai::response::{
 use crate::text::TokenTable;
 use crate::validate::ValidChatRequest;
 
+/// The header a client sets to shorten its request's deadline, in seconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout";
+/// The fault-injection header, honoured only with `[debug] test_hooks`.
+pub const TEST_HOOK_HEADER: &str = "x-mmserve-test-hook";
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let in_flight = state.lifecycle.admit()?;
     let serving = state.chat(&req.model)?;
+    let opts = HeaderOptions::read(&headers, serving, arrived)?;
     let validator = Arc::clone(&serving.validator);
     let req_model = req.model.clone();
-    let valid = tokio::task::spawn_blocking(move || validator.validate_chat(&req))
-        .await
-        .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
-    let receivers = submit(serving, &valid)?;
+    let valid = tokio::task::spawn_blocking(move || {
+        if opts.hook == Some(TestHook::PanicValidation) {
+            panic!("test hook: validation panicked");
+        }
+        validator.validate_chat(&req)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
+    let receivers = submit(serving, &valid, opts)?;
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
@@ -38,9 +54,66 @@ pub async fn chat_completions(
     };
     let tokens = Arc::clone(&serving.tokens);
     if valid.stream {
-        return Ok(stream::sse(meta, receivers, tokens, valid.include_usage).into_response());
+        let sse = stream::sse(meta, receivers, tokens, valid.include_usage, in_flight);
+        return Ok(sse.into_response());
     }
+    // Dropped with the connection, this future drops the receivers, which
+    // cancels the sequences.
     Ok(Json(collect(meta, receivers, &tokens).await?).into_response())
+}
+
+/// What a request's headers ask of the engine.
+#[derive(Debug, Clone, Copy)]
+struct HeaderOptions {
+    deadline: Option<Instant>,
+    hook: Option<TestHook>,
+}
+
+impl HeaderOptions {
+    /// The deadline is the configured one, shortened by `x-request-timeout`.
+    fn read(
+        headers: &HeaderMap,
+        serving: &ChatServing,
+        arrived: Instant,
+    ) -> Result<Self, ApiError> {
+        let asked = match headers.get(TIMEOUT_HEADER) {
+            None => None,
+            Some(v) => Some(parse_timeout(v.to_str().unwrap_or(""))?),
+        };
+        let timeout = match (serving.request_timeout, asked) {
+            (Some(c), Some(a)) => Some(c.min(a)),
+            (c, a) => c.or(a),
+        };
+        let hook = match headers.get(TEST_HOOK_HEADER) {
+            Some(v) if serving.test_hooks => {
+                let v = v.to_str().unwrap_or("");
+                Some(TestHook::parse(v).ok_or_else(|| {
+                    ApiError::bad_request("invalid_test_hook", format!("unknown test hook `{v}`"))
+                })?)
+            }
+            _ => None,
+        };
+        Ok(HeaderOptions {
+            deadline: timeout.map(|t| arrived + t),
+            hook,
+        })
+    }
+}
+
+/// `x-request-timeout`: positive seconds, fractions allowed.
+fn parse_timeout(v: &str) -> Result<Duration, ApiError> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_request_timeout",
+                format!("{TIMEOUT_HEADER} must be a positive number of seconds, not `{v}`"),
+            )
+            .with_param(Some(TIMEOUT_HEADER.into()))
+        })
 }
 
 /// Fields every response and chunk repeats.
@@ -52,23 +125,29 @@ pub struct ResponseMeta {
     pub logprobs: bool,
 }
 
+/// Queues one engine request per choice, all or none (429 when the queue is full).
 fn submit(
     serving: &ChatServing,
     valid: &ValidChatRequest,
+    opts: HeaderOptions,
 ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
     let mut receivers = Vec::with_capacity(valid.choices.len());
+    let mut reqs = Vec::with_capacity(valid.choices.len());
     for sampling in &valid.choices {
         let (tx, rx) = unbounded_channel();
-        serving.engine.submit(EngineRequest {
+        reqs.push(EngineRequest {
             prompt_ids: valid.prompt_ids.clone(),
             images: valid.images.clone(),
             sampling: sampling.clone(),
             max_tokens: valid.max_tokens,
             stop: valid.stop.clone(),
             events: tx,
-        })?;
+            deadline: opts.deadline,
+            hook: opts.hook,
+        });
         receivers.push(rx);
     }
+    serving.engine.submit_all(reqs)?;
     Ok(receivers)
 }
 

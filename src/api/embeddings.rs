@@ -20,6 +20,7 @@ pub async fn embeddings(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingResponse>, ApiError> {
+    let _in_flight = state.lifecycle.admit()?;
     let serving = state.embed(&req.model)?;
     let model = req.model.clone();
     let validator = Arc::clone(&serving.validator);

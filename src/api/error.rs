@@ -8,6 +8,9 @@ use serde::Serialize;
 use crate::engine::EngineError;
 use crate::validate::ValidationError;
 
+/// `Retry-After` of a busy server: short, so the SDKs' retries land soon.
+const RETRY_AFTER_SECS: u64 = 1;
+
 /// An error on its way to the client.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -18,6 +21,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A stable string code, never the HTTP status number.
     pub code: Option<String>,
+    /// Seconds after which a retry may succeed, sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -42,6 +47,7 @@ impl ApiError {
             kind,
             param: None,
             code: Some(code.to_string()),
+            retry_after: None,
         }
     }
 
@@ -81,6 +87,16 @@ impl ApiError {
         )
     }
 
+    pub fn with_code(mut self, code: &str) -> Self {
+        self.code = Some(code.to_string());
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn with_param(mut self, param: Option<String>) -> Self {
         self.param = param;
         self
@@ -105,16 +121,21 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
         let body = self.body_json();
-        (
+        let mut resp = (
             self.status,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -139,7 +160,19 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Stopped => ApiError::unavailable(e.to_string()),
-            _ => ApiError::internal(e.to_string()),
+            EngineError::QueueFull => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_error",
+                "queue_full",
+                e.to_string(),
+            )
+            .with_retry_after(RETRY_AFTER_SECS),
+            EngineError::QueueTimeout => ApiError::unavailable(e.to_string())
+                .with_code("queue_timeout")
+                .with_retry_after(RETRY_AFTER_SECS),
+            EngineError::Model(_) | EngineError::Detokenize(_) | EngineError::Panicked(_) => {
+                ApiError::internal(e.to_string())
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ mod embeddings;
 pub mod error;
 mod guard;
 mod json;
+pub mod lifecycle;
 mod stream;
 
 use std::sync::{Arc, OnceLock};
@@ -21,13 +22,14 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::{ModelKind, ServerConfig};
 use crate::engine::embed::EmbedHandle;
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, EngineStats};
 use crate::openai::excerpt;
 use crate::openai::response::{ModelCard, ModelList};
 use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
 use crate::validate::Validator;
 use error::ApiError;
+use lifecycle::Lifecycle;
 
 /// A loaded chat model, ready to serve.
 pub struct ChatServing {
@@ -35,6 +37,10 @@ pub struct ChatServing {
     pub engine: EngineHandle,
     /// Token bytes and strings for logprobs.
     pub tokens: Arc<TokenTable>,
+    /// Deadline of every request (queue and generation), if any.
+    pub request_timeout: Option<Duration>,
+    /// Whether the `x-mmserve-test-hook` header is honoured (tests only).
+    pub test_hooks: bool,
 }
 
 /// A loaded embedding model, ready to serve.
@@ -63,6 +69,14 @@ impl Served {
             Served::Embed(e) => e.engine.ping().await,
         }
     }
+
+    /// The engine's load, read without waiting for its thread.
+    pub fn stats(&self) -> EngineStats {
+        match self {
+            Served::Chat(c) => c.engine.stats(),
+            Served::Embed(e) => e.engine.stats(),
+        }
+    }
 }
 
 /// One configured model: known by name and kind from start-up, served once loaded.
@@ -80,6 +94,8 @@ pub struct AppState {
     pub created: u64,
     /// Request size limits.
     pub server: ServerConfig,
+    /// Draining and the requests in flight.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl AppState {
@@ -95,6 +111,7 @@ impl AppState {
                 .collect(),
             created: unix_now(),
             server: server.clone(),
+            lifecycle: Arc::default(),
         }
     }
 
@@ -220,9 +237,14 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
-/// 200 when every model has loaded and its engine thread answers; 503 while
-/// one is loading or once an engine died.
+/// 200 when every model has loaded and its engine thread answers, with each
+/// engine's load; 503 while one is loading, once an engine died, or while the
+/// server drains (code `server_shutting_down`).
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.lifecycle.is_draining() {
+        return lifecycle::shutting_down().into_response();
+    }
+    let mut models = serde_json::Map::new();
     for m in &state.models {
         let Some(served) = m.served.get() else {
             return ApiError::unavailable(format!("the model `{}` is still loading", m.name))
@@ -233,8 +255,17 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             return ApiError::unavailable(format!("the engine of `{}` is not answering", m.name))
                 .into_response();
         }
+        let s = served.stats();
+        let stats = serde_json::json!({
+            "waiting": s.waiting,
+            "running": s.running,
+            "kv_cache_bytes": s.kv_cache_bytes,
+            "cancelled": s.cancelled,
+        });
+        models.insert(m.name.clone(), stats);
     }
-    (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
+    let body = serde_json::json!({"status": "ok", "models": models});
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 async fn not_found() -> ApiError {

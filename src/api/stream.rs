@@ -14,6 +14,7 @@ use tokio_stream::{StreamExt, StreamMap};
 
 use super::chat::{to_openai_logprob, ResponseMeta};
 use super::error::ApiError;
+use super::lifecycle::InFlight;
 use crate::engine::{EngineError, Event};
 use crate::openai::response::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
 use crate::text::TokenTable;
@@ -24,15 +25,24 @@ const BUFFER: usize = 64;
 type SseStream = Sse<ReceiverStream<Result<SseEvent, Infallible>>>;
 
 /// Starts relaying engine events as SSE. When the client goes away the relay
-/// ends, dropping the engine receivers, which cancels the sequences.
+/// ends at once, dropping the engine receivers, which cancels the sequences.
+/// The request counts as in flight until the relay ends.
 pub fn sse(
     meta: ResponseMeta,
     receivers: Vec<UnboundedReceiver<Event>>,
     tokens: Arc<TokenTable>,
     include_usage: bool,
+    in_flight: InFlight,
 ) -> SseStream {
     let (tx, rx) = channel(BUFFER);
-    tokio::spawn(relay(meta, receivers, tokens, include_usage, tx));
+    tokio::spawn(async move {
+        let closed = tx.clone();
+        tokio::select! {
+            () = relay(meta, receivers, tokens, include_usage, tx) => {}
+            () = closed.closed() => {}
+        }
+        drop(in_flight);
+    });
     Sse::new(ReceiverStream::new(rx))
 }
 

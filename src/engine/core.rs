@@ -1,19 +1,17 @@
-//! The engine loop: receive commands, plan a step, encode the step's images in
-//! one vision batch, run one batched forward over every scheduled sequence, and
-//! hand each sequence its logits.
+//! The engine loop: receive commands, drop cancelled and expired sequences,
+//! run one step (see `step.rs`), publish the load; the state the loop owns.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use super::scheduler::{self, SchedulerConfig};
-use super::sequence::{Progress, Sequence, TextTools};
-use super::{Command, EngineError};
-use crate::model::ImageInput;
-use crate::model::{ChatCache, ChatModel, StepInput};
+use super::scheduler::SchedulerConfig;
+use super::sequence::{Sequence, TextTools};
+use super::{Command, EngineError, EngineLoad, TestHook};
+use crate::model::{ChatCache, ChatModel};
 use crate::text::TokenTable;
 
 /// What the engine is built from.
@@ -25,20 +23,25 @@ pub struct EngineParts {
     /// Token ids that end a sequence (generation_config, config and tokenizer).
     pub eos_token_ids: Vec<u32>,
     pub scheduler: SchedulerConfig,
+    /// Most sequences allowed to wait for a seat.
+    pub max_waiting: usize,
 }
 
 /// State owned by the engine thread alone.
 pub struct EngineCore {
-    model: ChatModel,
-    cache: ChatCache,
-    tokenizer: Arc<Tokenizer>,
-    tokens: Arc<TokenTable>,
-    eos: Vec<u32>,
-    sched: SchedulerConfig,
+    pub(super) model: ChatModel,
+    pub(super) cache: ChatCache,
+    pub(super) tokenizer: Arc<Tokenizer>,
+    pub(super) tokens: Arc<TokenTable>,
+    pub(super) eos: Vec<u32>,
+    pub(super) sched: SchedulerConfig,
     /// Submitted, not yet prefilled, in arrival order.
-    waiting: VecDeque<Sequence>,
+    pub(super) waiting: VecDeque<Sequence>,
     /// Prefilled, generating.
-    running: Vec<Sequence>,
+    pub(super) running: Vec<Sequence>,
+    /// Figures the handles read; the waiting count is taken by the handles on
+    /// submit and given back here when a sequence leaves the queue.
+    pub(super) load: Arc<EngineLoad>,
     next_id: u64,
 }
 
@@ -54,13 +57,19 @@ impl EngineCore {
             sched: parts.scheduler,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            load: Arc::new(EngineLoad::new(parts.max_waiting)),
             next_id: 0,
         }
+    }
+
+    pub(super) fn load(&self) -> Arc<EngineLoad> {
+        Arc::clone(&self.load)
     }
 
     /// Runs until every handle is gone and no work is left.
     pub(super) fn run(mut self, rx: Receiver<Command>) {
         loop {
+            self.publish();
             if self.waiting.is_empty() && self.running.is_empty() {
                 match rx.recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -75,7 +84,7 @@ impl EngineCore {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
-            self.drop_abandoned();
+            self.reap();
             self.step();
         }
     }
@@ -87,6 +96,10 @@ impl EngineCore {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(req) => {
+                if req.hook == Some(TestHook::KillEngine) {
+                    // Outside every guard, on purpose: the thread dies.
+                    panic!("test hook: the engine thread was asked to die");
+                }
                 let id = self.next_id;
                 self.next_id += 1;
                 self.waiting.push_back(Sequence::new(id, *req));
@@ -97,133 +110,48 @@ impl EngineCore {
         }
     }
 
-    /// Cancellation: a client that went away loses its sequence and KV memory.
-    fn drop_abandoned(&mut self) {
-        self.waiting.retain(|s| !s.is_abandoned());
-        let cache = &mut self.cache;
-        self.running.retain(|s| {
-            let keep = !s.is_abandoned();
-            if !keep {
-                cache.remove(s.id);
+    /// Cancellation and deadlines, before each step: a sequence whose client
+    /// went away is dropped with its KV memory; one whose deadline passed fails
+    /// with `QueueTimeout` if it was still waiting, or ends with `length` if it
+    /// was generating.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let mut gone = 0;
+        let before = self.waiting.len();
+        self.waiting.retain_mut(|s| {
+            if s.is_abandoned() {
+                gone += 1;
+                return false;
             }
-            keep
+            if s.is_expired(now) {
+                s.fail(EngineError::QueueTimeout);
+                return false;
+            }
+            true
         });
-    }
-
-    /// One step of continuous batching.
-    fn step(&mut self) {
-        let lens: Vec<usize> = self.waiting.iter().map(|s| s.prompt.len()).collect();
-        let plan = scheduler::plan(&self.sched, &lens, self.running.len());
-        if plan.is_empty() {
-            return;
-        }
-        let mut admitted: Vec<Sequence> = self.waiting.drain(..plan.admit).collect();
-        let embeds = match self.encode_images(&mut admitted) {
-            Ok(e) => e,
-            Err(err) => {
-                // Only the new sequences carried the images; the running ones go on.
-                for seq in &mut admitted {
-                    seq.fail(err.clone());
-                }
-                admitted.clear();
-                Vec::new()
-            }
-        };
-        self.running.append(&mut admitted);
-        if self.running.is_empty() {
-            return;
-        }
-        let first_new = self.running.len() - embeds.len();
-        match self.forward(first_new, &embeds) {
-            Ok(rows) => self.advance_all(&rows),
-            Err(err) => self.fail_all(err),
-        }
-    }
-
-    /// Encodes the admitted sequences' images together; returns each admitted
-    /// sequence's image rows (its image tokens, hidden), if any.
-    fn encode_images(&self, admitted: &mut [Sequence]) -> Result<Vec<Option<Tensor>>, EngineError> {
-        let counts: Vec<usize> = admitted.iter().map(|s| s.images.len()).collect();
-        let images: Vec<ImageInput> = admitted
-            .iter_mut()
-            .flat_map(|s| std::mem::take(&mut s.images))
-            .collect();
-        if images.is_empty() {
-            return Ok(vec![None; admitted.len()]);
-        }
-        let err = |e: String| EngineError::Model(e);
-        let refs: Vec<&ImageInput> = images.iter().collect();
-        // One (tokens_i, hidden) tensor per image, in order.
-        let mut rows = self
-            .model
-            .encode_images(&refs)
-            .map_err(|e| err(e.to_string()))?
-            .into_iter();
-        let mut out = Vec::with_capacity(counts.len());
-        for n in counts {
-            if n == 0 {
-                out.push(None);
-                continue;
-            }
-            let mine: Vec<Tensor> = rows.by_ref().take(n).collect();
-            // (sum of tokens_i, hidden)
-            let cat = Tensor::cat(&mine, 0).map_err(|e| err(e.to_string()))?;
-            out.push(Some(cat));
-        }
-        Ok(out)
-    }
-
-    /// Runs the batched forward; returns each running sequence's logits row.
-    fn forward(
-        &mut self,
-        first_new: usize,
-        embeds: &[Option<Tensor>],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let inputs: Vec<StepInput<'_>> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(i, s)| StepInput {
-                seq_id: s.id,
-                tokens: s.next_input(),
-                start_pos: s.cached,
-                image_grids: &s.grids,
-                image_embeds: i
-                    .checked_sub(first_new)
-                    .and_then(|j| embeds.get(j))
-                    .and_then(|e| e.as_ref()),
-            })
-            .collect();
-        let logits = self
-            .model
-            .forward(&inputs, &mut self.cache)
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-        logits
-            .to_vec2::<f32>()
-            .map_err(|e| EngineError::Model(e.to_string()))
-    }
-
-    fn advance_all(&mut self, rows: &[Vec<f32>]) {
+        self.load.release(before - self.waiting.len());
         let text = TextTools {
             tokenizer: &self.tokenizer,
             table: &self.tokens,
         };
-        let mut still = Vec::with_capacity(self.running.len());
-        for (mut seq, row) in self.running.drain(..).zip(rows) {
-            match seq.advance(row, &self.eos, &text) {
-                Progress::Running => still.push(seq),
-                Progress::Finished | Progress::Abandoned => self.cache.remove(seq.id),
+        let cache = &mut self.cache;
+        self.running.retain_mut(|s| {
+            if s.is_abandoned() {
+                gone += 1;
+            } else if s.is_expired(now) {
+                s.cut(&text);
+            } else {
+                return true;
             }
-        }
-        self.running = still;
+            cache.remove(s.id);
+            false
+        });
+        self.load.cancelled(gone);
     }
 
-    /// A failed forward fails every sequence in it; the engine keeps serving.
-    fn fail_all(&mut self, err: EngineError) {
-        tracing::error!(error = %err, "batch failed");
-        for mut seq in self.running.drain(..) {
-            seq.fail(err.clone());
-            self.cache.remove(seq.id);
-        }
+    /// Tells the handles how busy the engine is.
+    fn publish(&self) {
+        self.load
+            .set_running(self.running.len(), self.cache.bytes());
     }
 }

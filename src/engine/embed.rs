@@ -3,12 +3,13 @@
 //! one batch, images in another — then hands each request its vectors.
 
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::Tensor;
 use tokio::sync::oneshot;
 
-use super::EngineError;
+use super::{guarded, EngineError, EngineLoad, EngineStats};
 use crate::model::embed::EmbeddingModel;
 
 /// One input to embed.
@@ -34,28 +35,52 @@ enum Command {
 #[derive(Clone)]
 pub struct EmbedHandle {
     tx: mpsc::Sender<Command>,
+    /// Requests in flight (counted as waiting), bounded like a chat queue.
+    load: Arc<EngineLoad>,
+}
+
+/// Gives a request's place in the queue back when it ends or is cancelled.
+struct Place<'a>(&'a EngineLoad);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.release(1);
+    }
 }
 
 impl EmbedHandle {
-    /// Starts the thread; `max_batch` bounds the inputs of one forward pass.
+    /// Starts the thread; `max_batch` bounds the inputs of one forward pass,
+    /// `max_waiting` the requests in flight.
     pub fn spawn(
         model: EmbeddingModel,
         max_batch: usize,
+        max_waiting: usize,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
         let join = std::thread::Builder::new()
             .name("mmserve-embed".into())
             .spawn(move || run(&model, max_batch.max(1), &rx))?;
-        Ok((EmbedHandle { tx }, join))
+        let load = Arc::new(EngineLoad::new(max_waiting));
+        Ok((EmbedHandle { tx, load }, join))
     }
 
     /// Embeds a request's inputs; they are batched with other requests'.
+    /// [`EngineError::QueueFull`] when too many requests are in flight.
     pub async fn embed(&self, inputs: Vec<EmbedInput>) -> Result<Vec<Vec<f32>>, EngineError> {
+        if !self.load.try_reserve(1) {
+            return Err(EngineError::QueueFull);
+        }
+        let _place = Place(&self.load);
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Embed(EmbedJob { inputs, reply }))
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Requests in flight, as `waiting`.
+    pub fn stats(&self) -> EngineStats {
+        self.load.stats()
     }
 
     /// True when the engine thread answers.
@@ -111,7 +136,7 @@ fn step(model: &EmbeddingModel, max_batch: usize, jobs: Vec<EmbedJob>) {
         }
         replies.push(job.reply);
     }
-    let result = embed_all(model, max_batch, &texts, &images).map(|(t, i)| {
+    let result = guarded(|| embed_all(model, max_batch, &texts, &images)).map(|(t, i)| {
         for ((j, k), v) in text_slots.into_iter().zip(t) {
             outputs[j][k] = v;
         }

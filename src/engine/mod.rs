@@ -4,17 +4,22 @@
 
 mod core;
 pub mod embed;
+mod load;
 pub mod sampling;
 pub mod scheduler;
 mod sequence;
+mod step;
 
-use std::sync::mpsc;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::model::ImageInput;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 pub use self::core::{EngineCore, EngineParts};
+pub use load::{EngineLoad, EngineStats};
 use sampling::SamplingParams;
 pub use scheduler::SchedulerConfig;
 
@@ -29,6 +34,40 @@ pub struct EngineRequest {
     pub stop: Vec<String>,
     /// Where this request's events go; dropping the receiver cancels it.
     pub events: tokio_mpsc::UnboundedSender<Event>,
+    /// When the request must be over: still waiting then, it fails with
+    /// [`EngineError::QueueTimeout`]; generating, it ends with `length`.
+    pub deadline: Option<Instant>,
+    /// A fault or behaviour a test asked for (only with `[debug] test_hooks`).
+    pub hook: Option<TestHook>,
+}
+
+/// What a test can ask of a request through the `x-mmserve-test-hook` header,
+/// honoured only when `[debug] test_hooks` is on (never by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHook {
+    /// Generate until `max_tokens` even past an end-of-sequence token.
+    IgnoreEos,
+    /// Make every batched forward that includes this request fail.
+    FailForward,
+    /// Make every batched forward that includes this request panic.
+    PanicForward,
+    /// Panic while validating (preprocessing) the request.
+    PanicValidation,
+    /// Panic outside any guard: the engine thread dies.
+    KillEngine,
+}
+
+impl TestHook {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ignore-eos" => TestHook::IgnoreEos,
+            "fail-forward" => TestHook::FailForward,
+            "panic-forward" => TestHook::PanicForward,
+            "panic-validation" => TestHook::PanicValidation,
+            "kill-engine" => TestHook::KillEngine,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a sequence ended, as OpenAI's `finish_reason`.
@@ -79,8 +118,26 @@ pub enum EngineError {
     Model(String),
     #[error("could not detokenize the output: {0}")]
     Detokenize(String),
+    #[error("the engine failed on this request: {0}")]
+    Panicked(String),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the server is busy: its waiting queue is full")]
+    QueueFull,
+    #[error("the request's deadline passed before it could start")]
+    QueueTimeout,
+}
+
+/// Runs `f`, turning a panic into an error for the requests involved.
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Err(EngineError::Panicked(msg))
+    })
 }
 
 enum Command {
@@ -92,23 +149,41 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    load: Arc<EngineLoad>,
 }
 
 impl EngineHandle {
     /// Starts the engine thread; it runs until every handle is dropped.
     pub fn spawn(core: EngineCore) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
+        let load = core.load();
         let join = std::thread::Builder::new()
             .name("mmserve-engine".into())
             .spawn(move || core.run(rx))?;
-        Ok((EngineHandle { tx }, join))
+        Ok((EngineHandle { tx, load }, join))
     }
 
-    /// Queues a request. Events arrive on the request's own channel.
-    pub fn submit(&self, req: EngineRequest) -> Result<(), EngineError> {
-        self.tx
-            .send(Command::Submit(Box::new(req)))
-            .map_err(|_| EngineError::Stopped)
+    /// Queues a request's sequences (one per choice), all or none: when the
+    /// waiting queue has no room for them all, nothing is queued and the
+    /// answer is [`EngineError::QueueFull`]. Events arrive on each request's
+    /// own channel.
+    pub fn submit_all(&self, reqs: Vec<EngineRequest>) -> Result<(), EngineError> {
+        let n = reqs.len();
+        if !self.load.try_reserve(n) {
+            return Err(EngineError::QueueFull);
+        }
+        for (sent, req) in reqs.into_iter().enumerate() {
+            if self.tx.send(Command::Submit(Box::new(req))).is_err() {
+                self.load.release(n - sent);
+                return Err(EngineError::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's current load, without waiting for its thread.
+    pub fn stats(&self) -> EngineStats {
+        self.load.stats()
     }
 
     /// True when the engine thread answers between two steps.

@@ -1,12 +1,14 @@
 //! One generating sequence: its tokens, sampler, incremental detokenizer, stop
 //! matcher and the channel its events go back on.
 
+use std::time::Instant;
+
 use crate::model::ImageInput;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
-use super::{EngineError, EngineRequest, Event, FinishReason, TokenLogprobs};
+use super::{EngineError, EngineRequest, Event, FinishReason, TestHook, TokenLogprobs};
 use crate::text::{IncrementalDetokenizer, StopMatcher, TokenTable};
 
 pub struct Sequence {
@@ -22,6 +24,10 @@ pub struct Sequence {
     pub output: Vec<u32>,
     /// Tokens already in the KV cache.
     pub cached: usize,
+    /// When the request must be over (see [`EngineRequest::deadline`]).
+    pub deadline: Option<Instant>,
+    /// A fault or behaviour a test asked for.
+    pub hook: Option<TestHook>,
     max_tokens: usize,
     logprobs: bool,
     sampler: Sampler,
@@ -54,6 +60,8 @@ impl Sequence {
             images: req.images,
             output: Vec::new(),
             cached: 0,
+            deadline: req.deadline,
+            hook: req.hook,
             max_tokens: req.max_tokens,
             logprobs: req.sampling.logprobs,
             sampler: Sampler::new(&req.sampling),
@@ -66,6 +74,17 @@ impl Sequence {
     /// True when the client dropped its receiver.
     pub fn is_abandoned(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// True once the request's deadline has passed.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// Ends a generating sequence whose deadline passed: the text so far, then
+    /// `finish_reason: "length"`, as when `max_tokens` is reached.
+    pub fn cut(&mut self, text: &TextTools<'_>) -> Progress {
+        self.finish(FinishReason::Length, true, text.tokenizer)
     }
 
     /// Tokens this sequence feeds the model next: the whole prompt at prefill,
@@ -89,7 +108,7 @@ impl Sequence {
         };
         let tok = text.tokenizer;
         self.output.push(sampled.token);
-        if eos.contains(&sampled.token) {
+        if eos.contains(&sampled.token) && self.hook != Some(TestHook::IgnoreEos) {
             return self.finish(FinishReason::Stop, true, tok);
         }
         let piece = match self.detok.push(tok, text.table, sampled.token) {

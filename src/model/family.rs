@@ -68,6 +68,14 @@ impl ChatCache {
             ChatCache::Qwen(c) => c.remove(seq_id),
         }
     }
+
+    /// Bytes held by the key/value buffers of every sequence.
+    pub fn bytes(&self) -> usize {
+        match self {
+            ChatCache::Kv(c) => c.bytes(),
+            ChatCache::Qwen(c) => c.bytes(),
+        }
+    }
 }
 
 /// Model types this module loads as chat models.

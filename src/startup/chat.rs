@@ -75,12 +75,15 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
             max_num_seqs: cfg.engine.max_num_seqs,
             max_batched_tokens: cfg.engine.max_batched_tokens,
         },
+        max_waiting: cfg.engine.max_waiting,
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
     let serving = ChatServing {
         validator: Arc::new(validator),
         engine,
         tokens,
+        request_timeout: cfg.engine.request_timeout(),
+        test_hooks: cfg.debug.test_hooks,
     };
     Ok((serving, join))
 }

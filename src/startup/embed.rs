@@ -35,8 +35,12 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
         max_inputs: cfg.limits.max_embedding_inputs,
         image_limits: cfg.limits.image(),
     };
-    let (engine, join) = EmbedHandle::spawn(model, cfg.engine.max_embedding_batch)
-        .context("cannot start the embedding engine thread")?;
+    let (engine, join) = EmbedHandle::spawn(
+        model,
+        cfg.engine.max_embedding_batch,
+        cfg.engine.max_waiting,
+    )
+    .context("cannot start the embedding engine thread")?;
     let serving = EmbedServing {
         validator: Arc::new(validator),
         engine,

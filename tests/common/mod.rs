@@ -3,6 +3,8 @@
 //! `scripts/make_fixtures.py`.
 #![allow(dead_code)]
 
+pub mod live;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
