@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Starts mmserve on tiny fixture models (one chat model per family and an embedding one) and runs the official `openai` Python
-# SDK against it (tests/sdk/openai_sdk_check.py). Installs the SDK into
-# .venv-ci on first use.
+# Starts mmserve on tiny fixture models (one chat model per family and an
+# embedding one) and runs the official `openai` Python SDK against it
+# (tests/sdk/openai_sdk_check.py), then a short load test
+# (scripts/load_test.py, 8 streaming clients and 2 that hang up, 15 s); then a
+# second mmserve with a one-place queue for the SDK's retry of 429
+# (tests/sdk/openai_backpressure_check.py). Installs the SDK into .venv-ci on
+# first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,18 +14,36 @@ if [ ! -x .venv-ci/bin/python ]; then
   .venv-ci/bin/pip install -q "openai>=1.40"
 fi
 cargo build --locked --bin mmserve
+bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
 port=${MMSERVE_SDK_PORT:-18437}
+tmp=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+
+# serve PORT ARGS...: starts mmserve and waits until /health answers 200.
+serve() {
+  local p=$1
+  shift
+  "$bin" serve "$@" --port "$p" >"$tmp/$p.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 120); do
+    if curl -sf "http://127.0.0.1:$p/health" >/dev/null; then return; fi
+    if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$tmp/$p.log"; exit 1; fi
+    sleep 0.5
+  done
+  echo "mmserve on port $p never became healthy"; cat "$tmp/$p.log"; exit 1
+}
+
 chat=(llava-clip-llama qwen2-vl-tiny idefics3-tiny)
 embed=clip-tiny
 args=()
 for m in "${chat[@]}" "$embed"; do args+=(--model "tests/fixtures/models/$m"); done
-log=$(mktemp)
-"${CARGO_TARGET_DIR:-target}/debug/mmserve" serve "${args[@]}" --port "$port" >"$log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
-for _ in $(seq 1 120); do
-  if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
-  if ! kill -0 $pid 2>/dev/null; then cat "$log"; exit 1; fi
-  sleep 0.5
-done
-.venv-ci/bin/python tests/sdk/openai_sdk_check.py "http://127.0.0.1:$port" "$(IFS=,; echo "${chat[*]}")" "$embed" tests/fixtures/images/cat.jpg
+serve "$port" "${args[@]}"
+models=$(IFS=,; echo "${chat[*]}")
+.venv-ci/bin/python tests/sdk/openai_sdk_check.py "http://127.0.0.1:$port" "$models" "$embed" tests/fixtures/images/cat.jpg
+.venv-ci/bin/python scripts/load_test.py "http://127.0.0.1:$port" "$models" tests/fixtures/images/cat.jpg \
+  --clients 8 --aborters 2 --duration 15 --pid "${pids[0]}"
+
+printf '[engine]\nmax_num_seqs = 1\nmax_waiting = 1\n[debug]\ntest_hooks = true\n' >"$tmp/queue.toml"
+serve $((port + 1)) --config "$tmp/queue.toml" --model tests/fixtures/models/qwen2-vl-tiny
+.venv-ci/bin/python tests/sdk/openai_backpressure_check.py "http://127.0.0.1:$((port + 1))" qwen2-vl-tiny
