@@ -141,6 +141,10 @@ impl Dtype {
 pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_batched_tokens: usize,
+    /// Bytes of the paged KV cache of each chat model.
+    pub kv_cache_bytes: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
     pub default_max_tokens: usize,
     pub max_embedding_batch: usize,
     /// Most sequences waiting for a seat per engine; beyond it, 429.
@@ -236,6 +240,8 @@ impl Config {
         let positive = [
             ("engine.max_num_seqs", self.engine.max_num_seqs),
             ("engine.max_batched_tokens", self.engine.max_batched_tokens),
+            ("engine.kv_cache_bytes", self.engine.kv_cache_bytes),
+            ("engine.block_size", self.engine.block_size),
             ("engine.default_max_tokens", self.engine.default_max_tokens),
             (
                 "engine.max_embedding_batch",

@@ -13,7 +13,18 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use mmserve::model::idefics3::Idefics3Model;
-use mmserve::model::{KvCache, ModelError, SeqInput};
+use mmserve::model::{KvCache, KvCacheConfig, ModelError, SeqInput};
+
+/// The paged KV cache of a sequence run alone: blocks of 16 positions.
+fn alone_cache() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(16, 1 << 24)
+}
+
+/// The paged KV cache of a batch: blocks of 3 positions, so every sequence spans many blocks,
+/// interleaved with its neighbours', and chunks start and end inside blocks.
+fn tiny_blocks() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(3, 1 << 24)
+}
 
 const MODEL: &str = "idefics3-tiny";
 
@@ -150,7 +161,7 @@ fn argmax(logits: &Tensor) -> Vec<u32> {
 
 /// Prefill then greedy-decode as many tokens as the reference, one sequence alone.
 fn run_alone(model: &Idefics3Model, case: &Case, images: Option<&Tensor>) -> (Vec<u32>, Tensor) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&alone_cache()).expect("cache");
     let seq = SeqInput {
         seq_id: 1,
         tokens: &case.prompt,
@@ -252,7 +263,7 @@ impl Running<'_> {
 }
 
 fn run_batched(model: &Idefics3Model, running: &mut [Running]) {
-    let mut cache: KvCache = model.new_cache();
+    let mut cache: KvCache = model.new_cache(&tiny_blocks()).expect("cache");
     let mut step = 0;
     while running.iter().any(|s| !s.done()) {
         let plans: Vec<(usize, Vec<u32>, Option<Tensor>)> = running
@@ -424,7 +435,7 @@ fn bad_inputs_are_errors() {
     let short = rows
         .narrow(0, 1, rows.dim(0).expect("dim") - 1)
         .expect("narrow");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&alone_cache()).expect("cache");
     let seq = SeqInput {
         seq_id: 3,
         tokens: &case.prompt,

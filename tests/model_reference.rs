@@ -10,7 +10,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use mmserve::model::{KvCache, LlavaModel, ModelError, SeqInput};
+use mmserve::model::{KvCache, KvCacheConfig, LlavaModel, ModelError, SeqInput};
+
+/// The paged KV cache of a sequence run alone: blocks of 16 positions.
+fn alone_cache() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(16, 1 << 24)
+}
+
+/// The paged KV cache of a batch: blocks of 3 positions, so every sequence spans many blocks,
+/// interleaved with its neighbours', and chunks start and end inside blocks.
+fn tiny_blocks() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(3, 1 << 24)
+}
 
 const MODELS: [&str; 2] = ["llava-clip-llama", "llava-siglip-qwen2"];
 
@@ -131,7 +142,7 @@ fn argmax(logits: &Tensor) -> Vec<u32> {
 /// Prefill then greedy-decode as many tokens as the reference, one sequence alone.
 /// Returns the tokens and the (steps, vocab) logits that chose them.
 fn run_alone(model: &LlavaModel, case: &Case, images: Option<&Tensor>) -> (Vec<u32>, Tensor) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&alone_cache()).expect("cache");
     let seq = SeqInput {
         seq_id: 1,
         tokens: &case.prompt,
@@ -291,7 +302,7 @@ impl Running<'_> {
 
 /// Runs `running` as an engine would: one `forward` per step over every active sequence.
 fn run_batched(model: &LlavaModel, running: &mut [Running]) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&tiny_blocks()).expect("cache");
     let mut step = 0;
     while running.iter().any(|s| !s.done()) {
         let plans: Vec<Planned> = running
@@ -457,7 +468,7 @@ fn image_token_count_mismatch_is_an_error() {
         .find(|c| c.has_images)
         .expect("an image case");
     let rows = image_rows(&model, &r, case).expect("rows");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&alone_cache()).expect("cache");
     let short = rows
         .narrow(0, 1, rows.dim(0).expect("dim") - 1)
         .expect("narrow");
@@ -511,7 +522,7 @@ fn half_precision_loads_and_runs() {
             .and_then(|f| Ok(f.flatten_to(1)?))
             .expect("encode");
         assert_eq!(rows.dtype(), dtype);
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache(&alone_cache()).expect("cache");
         let seq = SeqInput {
             seq_id: 1,
             tokens: &case.prompt,

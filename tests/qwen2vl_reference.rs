@@ -11,6 +11,18 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use mmserve::model::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel, RopeState};
+use mmserve::model::KvCacheConfig;
+
+/// The paged KV cache of a sequence run alone: blocks of 16 positions.
+fn alone_cache() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(16, 1 << 24)
+}
+
+/// The paged KV cache of a batch: blocks of 3 positions, so every sequence spans many blocks,
+/// interleaved with its neighbours', and chunks start and end inside blocks.
+fn tiny_blocks() -> KvCacheConfig {
+    KvCacheConfig::with_bytes(3, 1 << 24)
+}
 
 const MODELS: [&str; 2] = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"];
 
@@ -145,7 +157,7 @@ fn run_alone(
     grids: &[[usize; 3]],
     rows: Option<&Tensor>,
 ) -> (Vec<u32>, Tensor) {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(&alone_cache()).expect("cache");
     let seq = Qwen2VlInput {
         seq_id: 1,
         tokens: &case.prompt,
@@ -254,7 +266,7 @@ fn batch_is_invariant_to_neighbours_and_chunking() {
                 }
             })
             .collect();
-        let mut cache: Qwen2VlCache = model.new_cache();
+        let mut cache: Qwen2VlCache = model.new_cache(&tiny_blocks()).expect("cache");
         for step in 0.. {
             if pending.iter().all(|s| s.out.len() == s.case.greedy.len()) {
                 break;

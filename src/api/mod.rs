@@ -260,7 +260,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "waiting": s.waiting,
             "running": s.running,
             "kv_cache_bytes": s.kv_cache_bytes,
+            "kv_blocks_used": s.kv_blocks_used,
+            "kv_blocks_total": s.kv_blocks_total,
             "cancelled": s.cancelled,
+            "preempted": s.preempted,
         });
         models.insert(m.name.clone(), stats);
     }

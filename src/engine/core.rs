@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
+use super::load::KvUsage;
 use super::scheduler::SchedulerConfig;
 use super::sequence::{Sequence, TextTools};
 use super::{Command, EngineError, EngineLoad, TestHook};
@@ -23,6 +24,8 @@ pub struct EngineParts {
     /// Token ids that end a sequence (generation_config, config and tokenizer).
     pub eos_token_ids: Vec<u32>,
     pub scheduler: SchedulerConfig,
+    /// The model's paged KV cache, sized at start-up.
+    pub cache: ChatCache,
     /// Most sequences allowed to wait for a seat.
     pub max_waiting: usize,
 }
@@ -35,9 +38,9 @@ pub struct EngineCore {
     pub(super) tokens: Arc<TokenTable>,
     pub(super) eos: Vec<u32>,
     pub(super) sched: SchedulerConfig,
-    /// Submitted, not yet prefilled, in arrival order.
+    /// Submitted or preempted, not in the KV cache, in arrival order.
     pub(super) waiting: VecDeque<Sequence>,
-    /// Prefilled, generating.
+    /// Admitted (prefilling in chunks, or generating), oldest first.
     pub(super) running: Vec<Sequence>,
     /// Figures the handles read; the waiting count is taken by the handles on
     /// submit and given back here when a sequence leaves the queue.
@@ -47,10 +50,9 @@ pub struct EngineCore {
 
 impl EngineCore {
     pub fn new(parts: EngineParts) -> Self {
-        let cache = parts.model.new_cache();
         EngineCore {
             model: parts.model,
-            cache,
+            cache: parts.cache,
             tokenizer: parts.tokenizer,
             tokens: parts.tokens,
             eos: parts.eos_token_ids,
@@ -111,29 +113,33 @@ impl EngineCore {
     }
 
     /// Cancellation and deadlines, before each step: a sequence whose client
-    /// went away is dropped with its KV memory; one whose deadline passed fails
-    /// with `QueueTimeout` if it was still waiting, or ends with `length` if it
-    /// was generating.
+    /// went away is dropped with its KV blocks; one whose deadline passed fails
+    /// with `QueueTimeout` if it had not started, or ends with `length` if it
+    /// had generated (even if it was preempted since).
     fn reap(&mut self) {
         let now = Instant::now();
         let mut gone = 0;
         let before = self.waiting.len();
+        let text = TextTools {
+            tokenizer: &self.tokenizer,
+            table: &self.tokens,
+        };
         self.waiting.retain_mut(|s| {
             if s.is_abandoned() {
                 gone += 1;
                 return false;
             }
             if s.is_expired(now) {
-                s.fail(EngineError::QueueTimeout);
+                if s.output().is_empty() {
+                    s.fail(EngineError::QueueTimeout);
+                } else {
+                    s.cut(&text);
+                }
                 return false;
             }
             true
         });
         self.load.release(before - self.waiting.len());
-        let text = TextTools {
-            tokenizer: &self.tokenizer,
-            table: &self.tokens,
-        };
         let cache = &mut self.cache;
         self.running.retain_mut(|s| {
             if s.is_abandoned() {
@@ -151,7 +157,14 @@ impl EngineCore {
 
     /// Tells the handles how busy the engine is.
     fn publish(&self) {
-        self.load
-            .set_running(self.running.len(), self.cache.bytes());
+        let kv = self.cache.kv();
+        self.load.set_running(
+            self.running.len(),
+            KvUsage {
+                bytes: kv.bytes(),
+                blocks_used: kv.used_blocks(),
+                blocks_total: kv.num_blocks(),
+            },
+        );
     }
 }

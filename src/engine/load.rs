@@ -1,5 +1,5 @@
 //! `EngineLoad`: the live figures of one engine (waiting and running sequences,
-//! KV cache bytes, cancellations), shared between its thread, which updates them, and its
+//! KV cache bytes and blocks, cancellations, preemptions), shared between its thread, which updates them, and its
 //! handles, which read them for backpressure, `/health` and metrics. Reading
 //! never waits for the engine thread, so a long forward pass does not block it.
 
@@ -13,10 +13,23 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Sequences generating (chat) or being encoded (embeddings).
     pub running: usize,
-    /// Bytes held by the KV cache (0 for embedding engines).
+    /// Bytes of the KV blocks in use (0 for embedding engines).
     pub kv_cache_bytes: usize,
+    /// KV blocks in use, and in the whole pool (0 for embedding engines).
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
     /// Sequences dropped so far because their client went away.
     pub cancelled: usize,
+    /// Times so far a sequence was preempted (KV blocks freed, recomputed later).
+    pub preempted: usize,
+}
+
+/// The KV cache's use, as the engine thread publishes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvUsage {
+    pub bytes: usize,
+    pub blocks_used: usize,
+    pub blocks_total: usize,
 }
 
 /// Shared gauges of one engine plus the bound of its waiting queue.
@@ -25,7 +38,10 @@ pub struct EngineLoad {
     waiting: AtomicUsize,
     running: AtomicUsize,
     kv_cache_bytes: AtomicUsize,
+    kv_blocks_used: AtomicUsize,
+    kv_blocks_total: AtomicUsize,
     cancelled: AtomicUsize,
+    preempted: AtomicUsize,
     /// Most sequences allowed to wait; submissions beyond it are refused.
     max_waiting: usize,
 }
@@ -36,7 +52,10 @@ impl EngineLoad {
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             kv_cache_bytes: AtomicUsize::new(0),
+            kv_blocks_used: AtomicUsize::new(0),
+            kv_blocks_total: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
+            preempted: AtomicUsize::new(0),
             max_waiting,
         }
     }
@@ -46,7 +65,10 @@ impl EngineLoad {
             waiting: self.waiting.load(Ordering::SeqCst),
             running: self.running.load(Ordering::SeqCst),
             kv_cache_bytes: self.kv_cache_bytes.load(Ordering::SeqCst),
+            kv_blocks_used: self.kv_blocks_used.load(Ordering::SeqCst),
+            kv_blocks_total: self.kv_blocks_total.load(Ordering::SeqCst),
             cancelled: self.cancelled.load(Ordering::SeqCst),
+            preempted: self.preempted.load(Ordering::SeqCst),
         }
     }
 
@@ -77,10 +99,20 @@ impl EngineLoad {
         self.cancelled.fetch_add(n, Ordering::SeqCst);
     }
 
-    /// Published by the engine thread after each step.
-    pub fn set_running(&self, running: usize, kv_cache_bytes: usize) {
+    /// `n` preempted sequences went back to the waiting queue (not bounded by
+    /// `max_waiting`: they were admitted once already).
+    pub fn requeued(&self, n: usize) {
+        self.waiting.fetch_add(n, Ordering::SeqCst);
+        self.preempted.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Published by the engine thread before each step.
+    pub fn set_running(&self, running: usize, kv: KvUsage) {
         self.running.store(running, Ordering::SeqCst);
-        self.kv_cache_bytes.store(kv_cache_bytes, Ordering::SeqCst);
+        self.kv_cache_bytes.store(kv.bytes, Ordering::SeqCst);
+        self.kv_blocks_used.store(kv.blocks_used, Ordering::SeqCst);
+        self.kv_blocks_total
+            .store(kv.blocks_total, Ordering::SeqCst);
     }
 }
 

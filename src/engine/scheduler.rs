@@ -1,57 +1,152 @@
 //! The scheduling decision of one engine step, as pure data.
 //!
-//! Every running sequence decodes one token per step. Waiting sequences are
-//! admitted first come, first served while seats (`max_num_seqs`) and the step's
-//! token budget (`max_batched_tokens`) allow; the queue is never skipped, so a
-//! long prompt at the front cannot be starved by short ones behind it. A prompt
-//! larger than the whole budget is still admitted when nothing else runs, so it
-//! is never stuck (chunked prefill will split it instead).
+//! Each sequence has tokens in the KV cache (`cached`) and tokens known but not yet cached
+//! (`uncached`: its prompt before prefill, one generated token while decoding, prompt and
+//! generated tokens after a preemption). A step feeds every running sequence a chunk of its
+//! uncached tokens within the token budget (`max_batched_tokens`), oldest first; a chunk leaves
+//! one token of budget to each running sequence behind it, so a long prompt is prefilled in
+//! chunks beside the decodes instead of stalling them.
+//!
+//! KV memory comes in blocks. When a running sequence's chunk needs more blocks than are free,
+//! the newest running sequences are preempted (their blocks freed; they wait again at the head
+//! of the queue and are recomputed from their tokens later), the sequence itself last. Waiting
+//! sequences are admitted first come, first served, only while seats (`max_num_seqs`), budget
+//! and free blocks for their whole uncached tokens allow, and never in a step that preempted:
+//! the queue is never skipped, so nobody starves.
 
 /// Limits that shape each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// Most sequences in one batch (running plus newly admitted).
     pub max_num_seqs: usize,
-    /// Most tokens (prefill plus decode) in one forward pass.
+    /// Most tokens (prefill chunks plus decodes) in one forward pass.
     pub max_batched_tokens: usize,
 }
 
-/// What to run this step.
+/// A sequence as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqState {
+    /// Tokens in the KV cache; its blocks hold exactly these.
+    pub cached: usize,
+    /// Tokens known and not yet in the cache.
+    pub uncached: usize,
+}
+
+/// The KV block pool right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocks {
+    pub block_size: usize,
+    pub free: usize,
+    pub total: usize,
+}
+
+impl Blocks {
+    fn of(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size.max(1))
+    }
+
+    /// New blocks `s` needs to cache `n` more tokens.
+    fn growth(&self, s: SeqState, n: usize) -> usize {
+        self.of(s.cached + n) - self.of(s.cached)
+    }
+}
+
+/// What to run this step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
-    /// How many sequences from the front of the waiting queue to prefill.
-    pub admit: usize,
-    /// How many running sequences decode (all of them).
-    pub decode: usize,
+    /// Running sequences to preempt (indices into `running`), newest first.
+    pub preempt: Vec<usize>,
+    /// Tokens each running sequence feeds this step (aligned with `running`; 0: none).
+    pub tokens: Vec<usize>,
+    /// First-chunk sizes of the sequences admitted from the front of the waiting queue.
+    pub admit: Vec<usize>,
+    /// The head of the queue needs more blocks than the whole pool: it can never run.
+    pub reject_head: bool,
 }
 
 impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.admit == 0 && self.decode == 0
+    /// True when no sequence runs this step.
+    pub fn is_idle(&self) -> bool {
+        self.admit.is_empty() && self.tokens.iter().all(|&n| n == 0)
     }
 }
 
-/// Plans one step from the waiting prompts' lengths (queue order) and the number
-/// of running sequences.
-pub fn plan(cfg: &SchedulerConfig, waiting_prompt_lens: &[usize], running: usize) -> Plan {
-    let mut seats = cfg.max_num_seqs.saturating_sub(running);
-    let mut budget = cfg.max_batched_tokens.saturating_sub(running);
-    let mut admit = 0;
-    for &len in waiting_prompt_lens {
-        if seats == 0 {
+/// Plans one step from the running sequences (oldest first), the waiting queue (in order) and
+/// the block pool.
+pub fn plan(
+    cfg: &SchedulerConfig,
+    blocks: Blocks,
+    running: &[SeqState],
+    waiting: &[SeqState],
+) -> Plan {
+    let mut plan = Plan {
+        tokens: vec![0; running.len()],
+        ..Plan::default()
+    };
+    let mut budget = cfg.max_batched_tokens;
+    let mut free = blocks.free;
+    // Running sequences not preempted, oldest first; the first `i` are scheduled.
+    let mut live: Vec<usize> = (0..running.len()).collect();
+    let mut i = 0;
+    while i < live.len() {
+        let s = running[live[i]];
+        let behind = live.len() - i - 1;
+        let n = s
+            .uncached
+            .min(budget.saturating_sub(behind).max(1))
+            .min(budget);
+        if n == 0 {
             break;
         }
-        let alone = running == 0 && admit == 0;
-        if len > budget && !alone {
+        let need = blocks.growth(s, n);
+        while need > free {
+            // The newest unscheduled sequence makes room; at worst the sequence itself.
+            let Some(victim) = live.pop() else { break };
+            plan.preempt.push(victim);
+            free += blocks.of(running[victim].cached);
+            if live.len() == i {
+                break;
+            }
+        }
+        if live.len() == i {
             break;
         }
-        budget = budget.saturating_sub(len);
-        seats -= 1;
-        admit += 1;
+        free -= need;
+        budget -= n;
+        plan.tokens[live[i]] = n;
+        i += 1;
     }
-    Plan {
-        admit,
-        decode: running,
+    if plan.preempt.is_empty() {
+        admit(cfg, blocks, &mut plan, live.len(), waiting, (budget, free));
+    }
+    plan
+}
+
+/// Admits waiting sequences in order while seats, budget and blocks allow.
+fn admit(
+    cfg: &SchedulerConfig,
+    blocks: Blocks,
+    plan: &mut Plan,
+    running: usize,
+    waiting: &[SeqState],
+    (mut budget, mut free): (usize, usize),
+) {
+    let mut seats = cfg.max_num_seqs.saturating_sub(running);
+    for (j, &w) in waiting.iter().enumerate() {
+        let whole = blocks.of(w.cached + w.uncached);
+        if j == 0 && whole > blocks.total {
+            plan.reject_head = true;
+            return;
+        }
+        if seats == 0 || budget == 0 || whole > free {
+            return;
+        }
+        let n = w.uncached.min(budget);
+        // The whole prompt's blocks are set aside, not just the first chunk's.
+        free -= whole;
+        budget -= n;
+        seats -= 1;
+        plan.admit.push(n);
     }
 }
 
@@ -64,54 +159,155 @@ mod tests {
         max_batched_tokens: 100,
     };
 
+    /// Plenty of blocks of 4 tokens.
+    const ROOMY: Blocks = Blocks {
+        block_size: 4,
+        free: 1000,
+        total: 1000,
+    };
+
+    fn prompt(n: usize) -> SeqState {
+        SeqState {
+            cached: 0,
+            uncached: n,
+        }
+    }
+
+    fn decoding(cached: usize) -> SeqState {
+        SeqState {
+            cached,
+            uncached: 1,
+        }
+    }
+
     #[test]
     fn idle_plans_nothing() {
-        assert!(plan(&CFG, &[], 0).is_empty());
+        assert!(plan(&CFG, ROOMY, &[], &[]).is_idle());
     }
 
     #[test]
     fn running_sequences_always_decode() {
-        assert_eq!(
-            plan(&CFG, &[], 3),
-            Plan {
-                admit: 0,
-                decode: 3
-            }
-        );
+        let p = plan(&CFG, ROOMY, &[decoding(5), decoding(9), decoding(1)], &[]);
+        assert_eq!(p.tokens, vec![1, 1, 1]);
+        assert!(p.admit.is_empty() && p.preempt.is_empty());
     }
 
     #[test]
     fn admits_up_to_the_seat_limit() {
-        assert_eq!(plan(&CFG, &[1, 1, 1, 1, 1], 0).admit, 4);
-        assert_eq!(plan(&CFG, &[1, 1, 1], 2).admit, 2);
-        assert_eq!(plan(&CFG, &[1], 4).admit, 0);
+        assert_eq!(plan(&CFG, ROOMY, &[], &[prompt(1); 5]).admit.len(), 4);
+        let two = [decoding(3), decoding(3)];
+        assert_eq!(plan(&CFG, ROOMY, &two, &[prompt(1); 3]).admit.len(), 2);
+        assert!(plan(&CFG, ROOMY, &[decoding(3); 4], &[prompt(1)])
+            .admit
+            .is_empty());
     }
 
     #[test]
-    fn token_budget_counts_decodes_and_prompts() {
-        // 3 decode tokens leave 97: 60 fits, then 40 does not.
-        assert_eq!(plan(&CFG, &[60, 40], 3).admit, 1);
-        assert_eq!(plan(&CFG, &[50, 50], 0).admit, 2);
-        assert_eq!(plan(&CFG, &[50, 51], 0).admit, 1);
+    fn token_budget_counts_decodes_and_chunks() {
+        // 2 decode tokens leave 98: 60 goes in whole, 40 gets the 38 left as its first chunk.
+        let p = plan(&CFG, ROOMY, &[decoding(4); 2], &[prompt(60), prompt(40)]);
+        assert_eq!(p.admit, vec![60, 38]);
+        assert_eq!(
+            plan(&CFG, ROOMY, &[], &[prompt(50), prompt(50)]).admit,
+            vec![50, 50]
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_beside_decodes() {
+        // A 250-token prompt alone: 100, then 100, then 50.
+        assert_eq!(plan(&CFG, ROOMY, &[], &[prompt(250)]).admit, vec![100]);
+        let mid = SeqState {
+            cached: 100,
+            uncached: 150,
+        };
+        // Mid-prefill and oldest, it leaves one token to each decode behind it.
+        let p = plan(&CFG, ROOMY, &[mid, decoding(7), decoding(8)], &[]);
+        assert_eq!(p.tokens, vec![98, 1, 1]);
+        // Behind a decode it takes what the decode left.
+        let p = plan(&CFG, ROOMY, &[decoding(7), mid], &[prompt(5)]);
+        assert_eq!((p.tokens, p.admit), (vec![1, 99], vec![]));
     }
 
     #[test]
     fn first_come_first_served_without_skipping() {
-        // The short prompt behind a long one waits its turn.
-        assert_eq!(plan(&CFG, &[98, 1], 3).admit, 0);
+        // The head needs 25 blocks, 20 are free: the short prompt behind it waits its turn.
+        let tight = Blocks {
+            block_size: 4,
+            free: 20,
+            total: 40,
+        };
+        let p = plan(&CFG, tight, &[], &[prompt(100), prompt(1)]);
+        assert!(p.admit.is_empty() && !p.reject_head);
     }
 
     #[test]
-    fn oversized_prompt_runs_alone_when_idle() {
-        assert_eq!(plan(&CFG, &[500, 1], 0).admit, 1);
-        assert_eq!(plan(&CFG, &[500], 1).admit, 0);
+    fn admission_needs_the_whole_prompt_in_free_blocks() {
+        let b = Blocks {
+            block_size: 4,
+            free: 10,
+            total: 10,
+        };
+        // 40 tokens fit 10 blocks exactly; the second prompt finds none left.
+        assert_eq!(plan(&CFG, b, &[], &[prompt(40), prompt(1)]).admit, vec![40]);
+        assert!(
+            plan(&CFG, b, &[], &[prompt(41)]).reject_head,
+            "can never fit"
+        );
+        let one = Blocks { free: 9, ..b };
+        assert!(plan(&CFG, one, &[decoding(3)], &[prompt(40)])
+            .admit
+            .is_empty());
     }
 
     #[test]
-    fn a_waiting_prompt_is_admitted_once_decodes_finish() {
-        // No starvation: once running drains, the head of the queue goes in.
-        let waiting = [150];
-        assert_eq!(plan(&CFG, &waiting, 2).admit, 0);
-        assert_eq!(plan(&CFG, &waiting, 0).admit, 1);
+    fn the_newest_is_preempted_when_blocks_run_out() {
+        // Every sequence sits at a block boundary: each decode needs a new block; 1 is free.
+        let b = Blocks {
+            block_size: 4,
+            free: 1,
+            total: 7,
+        };
+        let running = [decoding(8), decoding(4), decoding(8)];
+        let p = plan(&CFG, b, &running, &[prompt(1)]);
+        // The oldest takes the free block; the second needs one: the newest (2 blocks) goes.
+        assert_eq!(p.preempt, vec![2]);
+        assert_eq!(p.tokens, vec![1, 1, 0]);
+        assert!(p.admit.is_empty(), "no admission in a step that preempted");
+    }
+
+    #[test]
+    fn a_lone_sequence_without_room_preempts_itself() {
+        let full = Blocks {
+            block_size: 4,
+            free: 0,
+            total: 2,
+        };
+        let p = plan(&CFG, full, &[decoding(8)], &[]);
+        assert_eq!((p.preempt, p.tokens), (vec![0], vec![0]));
+        // Waiting again with 9 tokens it needs 3 blocks of a 2-block pool: never.
+        let p = plan(&CFG, Blocks { free: 2, ..full }, &[], &[prompt(9)]);
+        assert!(p.reject_head);
+    }
+
+    #[test]
+    fn a_waiting_prompt_is_admitted_once_blocks_free_up() {
+        // No starvation: once the running sequence finishes, the head of the queue goes in.
+        let b = Blocks {
+            block_size: 4,
+            free: 2,
+            total: 10,
+        };
+        let waiting = [prompt(30), prompt(1)];
+        assert!(plan(&CFG, b, &[decoding(30)], &waiting).admit.is_empty());
+        let after = Blocks { free: 10, ..b };
+        assert_eq!(plan(&CFG, after, &[], &waiting).admit, vec![30, 1]);
+    }
+
+    #[test]
+    fn a_preempted_sequence_is_recomputed_in_chunks() {
+        // Back in the queue with 120 prompt + 30 generated tokens, none cached.
+        let p = plan(&CFG, ROOMY, &[], &[prompt(150)]);
+        assert_eq!(p.admit, vec![100]);
     }
 }

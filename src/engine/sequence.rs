@@ -1,10 +1,13 @@
-//! One generating sequence: its tokens, sampler, incremental detokenizer, stop
+//! One generating sequence: its tokens (prompt, then generated), how many of them
+//! are in the KV cache, its image rows, sampler, incremental detokenizer, stop
 //! matcher and the channel its events go back on.
 
 use std::time::Instant;
 
-use crate::model::ImageInput;
+use candle_core::Tensor;
 use tokenizers::Tokenizer;
+
+use crate::model::ImageInput;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
@@ -14,15 +17,18 @@ use crate::text::{IncrementalDetokenizer, StopMatcher, TokenTable};
 pub struct Sequence {
     /// Key of this sequence's KV cache entry.
     pub id: u64,
-    /// Prompt token ids, image placeholders already expanded.
-    pub prompt: Vec<u32>,
-    /// Preprocessed images still to be encoded; emptied at prefill.
+    /// Prompt token ids (image placeholders already expanded), then the generated ones.
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt.
+    prompt_len: usize,
+    /// Preprocessed images still to be encoded; emptied once encoded.
     pub images: Vec<ImageInput>,
+    /// The encoder's rows for every image token of the prompt, (n, hidden), kept for the
+    /// sequence's life: a preempted sequence is recomputed from them.
+    pub image_rows: Option<Tensor>,
     /// Patch grids of the prompt's images, for families that need them.
     pub grids: Vec<[usize; 3]>,
-    /// Generated token ids.
-    pub output: Vec<u32>,
-    /// Tokens already in the KV cache.
+    /// Leading `tokens` in the KV cache.
     pub cached: usize,
     /// When the request must be over (see [`EngineRequest::deadline`]).
     pub deadline: Option<Instant>,
@@ -55,10 +61,11 @@ impl Sequence {
     pub fn new(id: u64, req: EngineRequest) -> Self {
         Sequence {
             id,
-            prompt: req.prompt_ids,
+            prompt_len: req.prompt_ids.len(),
+            tokens: req.prompt_ids,
             grids: req.images.iter().filter_map(ImageInput::grid).collect(),
             images: req.images,
-            output: Vec::new(),
+            image_rows: None,
             cached: 0,
             deadline: req.deadline,
             hook: req.hook,
@@ -87,27 +94,66 @@ impl Sequence {
         self.finish(FinishReason::Length, true, text.tokenizer)
     }
 
-    /// Tokens this sequence feeds the model next: the whole prompt at prefill,
-    /// else its last generated token.
-    pub fn next_input(&self) -> &[u32] {
-        if self.cached == 0 {
-            &self.prompt
-        } else {
-            let n = self.output.len();
-            &self.output[n.saturating_sub(1)..]
+    /// Prompt token ids.
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    /// Generated token ids.
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Known tokens not yet in the KV cache: the prompt before prefill, the last
+    /// generated token while decoding, everything after a preemption.
+    pub fn uncached(&self) -> usize {
+        self.tokens.len() - self.cached
+    }
+
+    /// Whether this step's chunk brings the cache up to date, so its logits are
+    /// sampled (a mid-prompt chunk's are not).
+    pub fn completes(&self, chunk: usize) -> bool {
+        self.cached + chunk == self.tokens.len()
+    }
+
+    /// The next `n` uncached tokens, and the image rows of the prompt's image
+    /// tokens among them (`image_token`), which may start or end inside an image.
+    /// A chunk that would mix prompt image rows with generated image tokens (only
+    /// when recomputing after a preemption) stops at the end of the prompt: the
+    /// generated ones embed as plain tokens, as when they were decoded.
+    pub fn chunk(&self, n: usize, image_token: u32) -> (&[u32], Option<Tensor>) {
+        let (start, mut end) = (self.cached, (self.cached + n).min(self.tokens.len()));
+        let Some(rows) = self.image_rows.as_ref().filter(|_| start < self.prompt_len) else {
+            return (&self.tokens[start..end], None);
+        };
+        let count = |ids: &[u32]| ids.iter().filter(|&&t| t == image_token).count();
+        let prompt_end = self.prompt_len.clamp(start, end);
+        if prompt_end > start && count(&self.tokens[prompt_end..end]) > 0 {
+            end = prompt_end;
         }
+        let before = count(&self.tokens[..start]);
+        let here = count(&self.tokens[start..prompt_end]);
+        let rows = (here > 0)
+            .then(|| rows.narrow(0, before, here).ok())
+            .flatten();
+        (&self.tokens[start..end], rows)
+    }
+
+    /// Drops the sequence's place in the KV cache: it will be recomputed from
+    /// its tokens, with the client's stream carrying on where it was.
+    pub fn preempt(&mut self) {
+        self.cached = 0;
     }
 
     /// Samples from this sequence's last-token logits, streams the text out and
     /// says whether the sequence goes on.
     pub fn advance(&mut self, logits: &[f32], eos: &[u32], text: &TextTools<'_>) -> Progress {
-        self.cached += self.next_input().len();
-        let sampled = match self.sampler.sample(logits, &self.output) {
+        let sampled = match self.sampler.sample(logits, &self.tokens[self.prompt_len..]) {
             Ok(s) => s,
             Err(e) => return self.fail(EngineError::Model(format!("sampling failed: {e}"))),
         };
         let tok = text.tokenizer;
-        self.output.push(sampled.token);
+        self.tokens.push(sampled.token);
         if eos.contains(&sampled.token) && self.hook != Some(TestHook::IgnoreEos) {
             return self.finish(FinishReason::Stop, true, tok);
         }
@@ -130,7 +176,7 @@ impl Sequence {
         if outcome.stopped {
             return self.finish(FinishReason::Stop, false, tok);
         }
-        if self.output.len() >= self.max_tokens {
+        if self.output().len() >= self.max_tokens {
             return self.finish(FinishReason::Length, true, tok);
         }
         Progress::Running
@@ -158,8 +204,8 @@ impl Sequence {
         }
         self.send(Event::Finished {
             reason,
-            prompt_tokens: self.prompt.len(),
-            completion_tokens: self.output.len(),
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.output().len(),
         });
         Progress::Finished
     }

@@ -1,6 +1,8 @@
-//! One step of continuous batching, with fault isolation: plan, encode the
-//! admitted sequences' images in one vision batch, run one batched forward over
-//! every running sequence, and hand each sequence its logits.
+//! One step of continuous batching, with fault isolation: plan (see
+//! `scheduler.rs`), preempt and admit as planned, encode the images of
+//! sequences starting their prefill in one vision batch, run one batched
+//! forward over every scheduled chunk, and hand each sequence whose chunk
+//! completes it its logits.
 //!
 //! An error or a panic in a batched call fails only the sequences that cause
 //! it: the batch is retried one sequence at a time and each sequence keeps its
@@ -11,7 +13,7 @@
 use candle_core::Tensor;
 
 use super::core::EngineCore;
-use super::scheduler;
+use super::scheduler::{self, Blocks, Plan, SeqState};
 use super::sequence::{Progress, Sequence, TextTools};
 use super::{guarded, EngineError, TestHook};
 use crate::model::{ImageInput, StepInput};
@@ -30,87 +32,186 @@ fn injected(seqs: &[&Sequence]) -> Result<(), EngineError> {
     Ok(())
 }
 
+fn state(s: &Sequence) -> SeqState {
+    SeqState {
+        cached: s.cached,
+        uncached: s.uncached(),
+    }
+}
+
 impl EngineCore {
     /// One step of continuous batching.
     pub(super) fn step(&mut self) {
-        let lens: Vec<usize> = self.waiting.iter().map(|s| s.prompt.len()).collect();
-        let plan = scheduler::plan(&self.sched, &lens, self.running.len());
-        if plan.is_empty() {
+        let plan = self.plan();
+        let mut chunks = self.preempt(&plan);
+        if plan.reject_head {
+            self.reject_head();
+        }
+        self.admit(&plan.admit, &mut chunks);
+        let failed = self.encode_new(&chunks);
+        self.drop_failed(&mut chunks, &failed);
+        // (running index, tokens fed) of every scheduled sequence.
+        let image_token = self.model.image_token_id();
+        let fed: Vec<(usize, usize)> = (0..self.running.len())
+            .filter(|&i| chunks[i] > 0)
+            .map(|i| (i, self.running[i].chunk(chunks[i], image_token).0.len()))
+            .collect();
+        if fed.is_empty() {
             return;
         }
-        let mut admitted: Vec<Sequence> = self.waiting.drain(..plan.admit).collect();
-        self.load.release(admitted.len());
-        let new_embeds = self.encode_admitted(&mut admitted);
-        // Image rows aligned with `running`: none for sequences already prefilled.
-        let mut embeds: Vec<Option<Tensor>> = vec![None; self.running.len()];
-        embeds.extend(new_embeds);
-        self.running.append(&mut admitted);
-        if self.running.is_empty() {
-            return;
-        }
-        let all: Vec<usize> = (0..self.running.len()).collect();
-        let rows = match self.forward(&all, &embeds) {
+        let rows = match self.forward(&fed) {
             Ok(rows) => rows.into_iter().map(Some).collect(),
-            Err(err) if self.running.len() > 1 => {
-                tracing::warn!(error = %err, batch = self.running.len(),
+            Err(err) if fed.len() > 1 => {
+                tracing::warn!(error = %err, batch = fed.len(),
                     "batched forward failed; retrying each sequence alone");
-                self.forward_each(&embeds)
+                self.forward_each(&fed)
             }
             Err(err) => {
-                self.running[0].fail(err);
+                self.running[fed[0].0].fail(err);
                 vec![None]
             }
         };
-        self.advance_all(rows);
+        self.advance_all(&fed, rows);
     }
 
-    /// Encodes the admitted sequences' images, together, or one sequence at a
-    /// time if the batch fails; a sequence whose images fail is failed and
-    /// removed. Returns each remaining sequence's image rows, if any.
-    fn encode_admitted(&self, admitted: &mut Vec<Sequence>) -> Vec<Option<Tensor>> {
-        let rows = match guarded(|| self.encode_images(admitted.as_slice())) {
-            Ok(rows) => rows,
-            Err(err) if admitted.len() > 1 => {
-                tracing::warn!(error = %err, "image batch failed; encoding each request alone");
-                let each: Vec<_> = (0..admitted.len())
-                    .map(|i| guarded(|| self.encode_images(&admitted[i..=i])))
-                    .collect();
-                let mut rows = Vec::with_capacity(admitted.len());
-                let mut kept = Vec::with_capacity(admitted.len());
-                for (mut seq, r) in admitted.drain(..).zip(each) {
-                    match r.map(|mut v| v.pop().flatten()) {
-                        Ok(r) => {
-                            rows.push(r);
-                            kept.push(seq);
-                        }
-                        Err(e) => {
-                            seq.fail(e);
-                        }
-                    }
-                }
-                *admitted = kept;
-                rows
-            }
-            Err(err) => {
-                for seq in admitted.iter_mut() {
-                    seq.fail(err.clone());
-                }
-                admitted.clear();
-                Vec::new()
-            }
+    fn plan(&self) -> Plan {
+        let kv = self.cache.kv();
+        let blocks = Blocks {
+            block_size: kv.block_size(),
+            free: kv.free_blocks(),
+            total: kv.num_blocks(),
         };
-        // The pixels are no longer needed once encoded.
-        admitted.iter_mut().for_each(|s| s.images.clear());
-        rows
+        let running: Vec<SeqState> = self.running.iter().map(state).collect();
+        let waiting: Vec<SeqState> = self.waiting.iter().map(state).collect();
+        scheduler::plan(&self.sched, blocks, &running, &waiting)
     }
 
-    /// Encodes `seqs`' images in one vision batch; returns each sequence's
-    /// image rows (its image tokens, hidden), if it has images.
-    fn encode_images(&self, seqs: &[Sequence]) -> Result<Vec<Option<Tensor>>, EngineError> {
-        let images: Vec<&ImageInput> = seqs.iter().flat_map(|s| s.images.iter()).collect();
-        if images.is_empty() {
-            return Ok(vec![None; seqs.len()]);
+    /// Frees the preempted sequences' blocks and puts them back at the head of
+    /// the queue, in arrival order; returns the chunk of each remaining running
+    /// sequence.
+    fn preempt(&mut self, plan: &Plan) -> Vec<usize> {
+        let mut chunks = Vec::with_capacity(self.running.len());
+        let mut kept = Vec::with_capacity(self.running.len());
+        let mut out = Vec::new();
+        for (i, mut seq) in self.running.drain(..).enumerate() {
+            if plan.preempt.contains(&i) {
+                self.cache.remove(seq.id);
+                seq.preempt();
+                out.push(seq);
+            } else {
+                chunks.push(plan.tokens.get(i).copied().unwrap_or(0));
+                kept.push(seq);
+            }
         }
+        self.running = kept;
+        if !out.is_empty() {
+            tracing::debug!(
+                preempted = out.len(),
+                "KV cache full: preempting the newest"
+            );
+            self.load.requeued(out.len());
+        }
+        for seq in out.into_iter().rev() {
+            self.waiting.push_front(seq);
+        }
+        chunks
+    }
+
+    /// The head of the queue can never fit the KV cache: it ends (with what it
+    /// generated before a preemption, if anything).
+    fn reject_head(&mut self) {
+        let Some(mut seq) = self.waiting.pop_front() else {
+            return;
+        };
+        self.load.release(1);
+        if seq.output().is_empty() {
+            seq.fail(EngineError::Model(format!(
+                "the sequence needs {} tokens of KV cache, more than the whole cache holds",
+                seq.tokens.len()
+            )));
+        } else {
+            let text = TextTools {
+                tokenizer: &self.tokenizer,
+                table: &self.tokens,
+            };
+            seq.cut(&text);
+        }
+    }
+
+    /// Moves the admitted sequences from the queue to the running batch.
+    fn admit(&mut self, first_chunks: &[usize], chunks: &mut Vec<usize>) {
+        let n = first_chunks.len().min(self.waiting.len());
+        self.running.extend(self.waiting.drain(..n));
+        self.load.release(n);
+        chunks.extend_from_slice(&first_chunks[..n]);
+    }
+
+    /// Removes the running sequences marked failed (already told so).
+    fn drop_failed(&mut self, chunks: &mut Vec<usize>, failed: &[bool]) {
+        if !failed.contains(&true) {
+            return;
+        }
+        let mut i = 0;
+        self.running.retain(|_| {
+            i += 1;
+            !failed[i - 1]
+        });
+        let mut i = 0;
+        chunks.retain(|_| {
+            i += 1;
+            !failed[i - 1]
+        });
+    }
+
+    /// Encodes the images of the scheduled sequences that still hold pixels,
+    /// together, or one sequence at a time if the batch fails. Returns which
+    /// running sequences failed (and were told so).
+    fn encode_new(&mut self, chunks: &[usize]) -> Vec<bool> {
+        let mut failed = vec![false; self.running.len()];
+        let todo: Vec<usize> = (0..self.running.len())
+            .filter(|&i| chunks[i] > 0 && !self.running[i].images.is_empty())
+            .collect();
+        if todo.is_empty() {
+            return failed;
+        }
+        let results = match guarded(|| self.encode_images(&todo)) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(err) if todo.len() > 1 => {
+                tracing::warn!(error = %err, "image batch failed; encoding each request alone");
+                todo.iter()
+                    .map(|&i| {
+                        let one = guarded(|| self.encode_images(&[i]))?;
+                        one.into_iter()
+                            .next()
+                            .ok_or_else(|| EngineError::Model("no image rows".into()))
+                    })
+                    .collect()
+            }
+            Err(err) => vec![Err(err)],
+        };
+        for (&i, result) in todo.iter().zip(results) {
+            let seq = &mut self.running[i];
+            match result {
+                Ok(rows) => {
+                    seq.image_rows = Some(rows);
+                    // The pixels are no longer needed once encoded.
+                    seq.images.clear();
+                }
+                Err(e) => {
+                    seq.fail(e);
+                    failed[i] = true;
+                }
+            }
+        }
+        failed
+    }
+
+    /// Encodes running sequences `which`' images in one vision batch; returns
+    /// each one's image rows (its image tokens, hidden), checked against the
+    /// image tokens of its prompt.
+    fn encode_images(&self, which: &[usize]) -> Result<Vec<Tensor>, EngineError> {
+        let seqs: Vec<&Sequence> = which.iter().map(|&i| &self.running[i]).collect();
+        let images: Vec<&ImageInput> = seqs.iter().flat_map(|s| s.images.iter()).collect();
         let err = |e: String| EngineError::Model(e);
         // One (tokens_i, hidden) tensor per image, in order.
         let mut rows = self
@@ -118,37 +219,43 @@ impl EngineCore {
             .encode_images(&images)
             .map_err(|e| err(e.to_string()))?
             .into_iter();
+        let image_token = self.model.image_token_id();
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
-            if s.images.is_empty() {
-                out.push(None);
-                continue;
-            }
             let mine: Vec<Tensor> = rows.by_ref().take(s.images.len()).collect();
             // (sum of tokens_i, hidden)
             let cat = Tensor::cat(&mine, 0).map_err(|e| err(e.to_string()))?;
-            out.push(Some(cat));
+            let want = s.prompt().iter().filter(|&&t| t == image_token).count();
+            if cat.dim(0).ok() != Some(want) {
+                return Err(err(format!(
+                    "{want} image tokens in the prompt but {:?} image rows",
+                    cat.dims()
+                )));
+            }
+            out.push(cat);
         }
         Ok(out)
     }
 
-    /// Runs one batched forward over the running sequences `which`; returns
-    /// each one's last-token logits row.
-    fn forward(
-        &mut self,
-        which: &[usize],
-        embeds: &[Option<Tensor>],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let seqs: Vec<&Sequence> = which.iter().map(|&i| &self.running[i]).collect();
-        let inputs: Vec<StepInput<'_>> = which
+    /// Runs one batched forward over the chunks `fed` (running index, tokens);
+    /// returns each one's last-token logits row.
+    fn forward(&mut self, fed: &[(usize, usize)]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let image_token = self.model.image_token_id();
+        let seqs: Vec<&Sequence> = fed.iter().map(|&(i, _)| &self.running[i]).collect();
+        let chunks: Vec<(&[u32], Option<Tensor>)> = fed
             .iter()
             .zip(&seqs)
-            .map(|(&i, s)| StepInput {
+            .map(|(&(_, n), s)| s.chunk(n, image_token))
+            .collect();
+        let inputs: Vec<StepInput<'_>> = seqs
+            .iter()
+            .zip(&chunks)
+            .map(|(s, (tokens, rows))| StepInput {
                 seq_id: s.id,
-                tokens: s.next_input(),
+                tokens,
                 start_pos: s.cached,
                 image_grids: &s.grids,
-                image_embeds: embeds.get(i).and_then(|e| e.as_ref()),
+                image_embeds: rows.as_ref(),
             })
             .collect();
         let (model, cache) = (&self.model, &mut self.cache);
@@ -163,38 +270,49 @@ impl EngineCore {
         })
     }
 
-    /// Runs every running sequence alone; a sequence that fails alone is
-    /// failed, the others get their rows.
-    fn forward_each(&mut self, embeds: &[Option<Tensor>]) -> Vec<Option<Vec<f32>>> {
-        (0..self.running.len())
-            .map(|i| match self.forward(&[i], embeds) {
+    /// Runs every scheduled chunk alone; a sequence that fails alone is failed,
+    /// the others get their rows.
+    fn forward_each(&mut self, fed: &[(usize, usize)]) -> Vec<Option<Vec<f32>>> {
+        fed.iter()
+            .map(|&one| match self.forward(&[one]) {
                 Ok(mut rows) => rows.pop(),
                 Err(err) => {
-                    self.running[i].fail(err);
+                    self.running[one.0].fail(err);
                     None
                 }
             })
             .collect()
     }
 
-    /// Samples each sequence's next token from its row; a sequence without a
-    /// row has failed. Finished, failed and abandoned sequences free their
-    /// KV memory.
-    fn advance_all(&mut self, rows: Vec<Option<Vec<f32>>>) {
+    /// Advances each scheduled sequence past its chunk and samples its next
+    /// token when the chunk completed it; a sequence without a row has failed.
+    /// Finished, failed and abandoned sequences free their KV blocks.
+    fn advance_all(&mut self, fed: &[(usize, usize)], rows: Vec<Option<Vec<f32>>>) {
         let text = TextTools {
             tokenizer: &self.tokenizer,
             table: &self.tokens,
         };
         let eos = &self.eos;
-        let mut gone = 0;
-        let mut still = Vec::with_capacity(self.running.len());
-        for (mut seq, row) in self.running.drain(..).zip(rows) {
-            let progress = match row {
+        let mut outcome = vec![Progress::Running; self.running.len()];
+        for (&(i, n), row) in fed.iter().zip(rows) {
+            let seq = &mut self.running[i];
+            outcome[i] = match row {
                 Some(row) => {
-                    guarded(|| Ok(seq.advance(&row, eos, &text))).unwrap_or_else(|e| seq.fail(e))
+                    let done = seq.completes(n);
+                    seq.cached += n;
+                    if done {
+                        guarded(|| Ok(seq.advance(&row, eos, &text)))
+                            .unwrap_or_else(|e| seq.fail(e))
+                    } else {
+                        Progress::Running
+                    }
                 }
                 None => Progress::Finished,
             };
+        }
+        let mut gone = 0;
+        let mut still = Vec::with_capacity(self.running.len());
+        for (seq, progress) in self.running.drain(..).zip(outcome) {
             match progress {
                 Progress::Running => still.push(seq),
                 Progress::Finished => self.cache.remove(seq.id),

@@ -91,8 +91,8 @@ impl SelfAttention {
         })
     }
 
-    /// `xs` (T, D) and per-token `cos`/`sin` (T, head_dim / 2) -> (T, D). Appends each span's
-    /// keys and values to `cache` at `layer` (uncommitted).
+    /// `xs` (T, D) and per-token `cos`/`sin` (T, head_dim / 2) -> (T, D). Writes each span's
+    /// keys and values into its reserved slots of `cache` at `layer` (uncommitted).
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -111,24 +111,33 @@ impl SelfAttention {
         let v = self.v.forward(xs)?.reshape((t, self.kv_heads, hd))?;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans {
-            // (len, kv_heads, hd) -> (kv_heads, len, hd)
-            let per_head = |x: &Tensor| x.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous();
-            let (keys, values) = cache.append(s.seq_id, layer, &per_head(&k)?, &per_head(&v)?)?;
-            outs.push(self.attend(&q.narrow(0, s.offset, s.len)?, &keys, &values, s.start_pos)?);
+            let rows = |x: &Tensor| x.narrow(0, s.offset, s.len);
+            cache.write(s.seq_id, layer, s.start_pos, &rows(&k)?, &rows(&v)?)?;
+            // Keys older than the first query's window are invisible to every query: skip them.
+            let first = self
+                .window
+                .map_or(0, |w| (s.start_pos + 1).saturating_sub(w));
+            let (keys, values) = cache.read(s.seq_id, layer, first, s.start_pos + s.len - first)?;
+            outs.push(self.attend(&rows(&q)?, &keys, &values, s.start_pos, first)?);
         }
         self.o.forward(&Tensor::cat(&outs, 0)?)
     }
 
     /// One sequence: `q` (t, heads, hd) at positions `start..`, `keys`/`values`
-    /// (kv_heads, start + t, hd) -> (t, heads * hd).
-    fn attend(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
+    /// (n_keys, kv_heads, hd) at positions `first..start + t` -> (t, heads * hd).
+    fn attend(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        start: usize,
+        first: usize,
+    ) -> Result<Tensor> {
         let (t, _, hd) = q.dims3()?;
         let (kvh, n_rep) = (self.kv_heads, self.heads / self.kv_heads);
-        // Keys older than the first query's window are invisible to every query: skip them.
-        let first = self.window.map_or(0, |w| (start + 1).saturating_sub(w));
         let n_keys = start + t - first;
-        let keys = keys.narrow(1, first, n_keys)?;
-        let values = values.narrow(1, first, n_keys)?;
+        // (n_keys, kv_heads, hd) -> (kv_heads, n_keys, hd), a strided view the gemm reads as is.
+        let (keys, values) = (keys.transpose(0, 1)?, values.transpose(0, 1)?);
         // (t, heads, hd) -> (kv_heads, n_rep * t, hd): the n_rep query heads sharing a kv head
         // are stacked, which is grouped-query attention without copying keys.
         let q = q
@@ -146,6 +155,11 @@ impl SelfAttention {
             .reshape((self.heads, t, hd))?
             .transpose(0, 1)?
             .reshape((t, self.heads * hd))
+    }
+
+    /// Key/value heads and their width, for sizing the cache.
+    pub fn kv_dims(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
     }
 }
 

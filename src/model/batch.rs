@@ -43,8 +43,6 @@ pub(crate) struct StepPlan<'a> {
     pub images: Vec<&'a Tensor>,
     /// For each token, its row in `[text embeddings (T rows); image rows]`; `None` without images.
     pub gather: Option<Vec<u32>>,
-    /// Sequences that the cache did not hold before this step.
-    pub fresh: Vec<u64>,
 }
 
 impl<'a> StepPlan<'a> {
@@ -72,7 +70,6 @@ impl<'a> StepPlan<'a> {
             positions: Vec::with_capacity(total),
             images: Vec::new(),
             gather: None,
-            fresh: Vec::new(),
         };
         let mut gather = Vec::with_capacity(total);
         let mut image_rows = 0usize;
@@ -95,9 +92,6 @@ impl<'a> StepPlan<'a> {
             }
             if let Some(rows) = seq.image_embeds.filter(|_| n_images > 0) {
                 plan.images.push(rows);
-            }
-            if !cache.contains(seq.seq_id) {
-                plan.fresh.push(seq.seq_id);
             }
             plan.ids.extend_from_slice(seq.tokens);
             plan.positions
@@ -169,6 +163,17 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn cache() -> candle_core::Result<KvCache> {
+        let shape = crate::model::KvShape {
+            num_layers: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        KvCache::new(&shape, &crate::model::KvCacheConfig::with_bytes(4, 1 << 12))
+    }
+
     const LIMITS: Limits = Limits {
         num_layers: 1,
         vocab_size: 10,
@@ -179,7 +184,7 @@ mod tests {
     #[test]
     fn flattens_and_gathers_image_rows() -> Result<(), ModelError> {
         let img = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
-        let cache = KvCache::new(1);
+        let cache = cache()?;
         let batch = [
             SeqInput {
                 seq_id: 1,
@@ -207,14 +212,13 @@ mod tests {
         );
         // Text rows keep their index; image tokens point past the 6 text rows.
         assert_eq!(plan.gather, Some(vec![0, 1, 2, 6, 7, 5]));
-        assert_eq!(plan.fresh, vec![1, 2]);
         Ok(())
     }
 
     #[test]
     fn rejects_inconsistent_input() -> Result<(), ModelError> {
         let img = Tensor::zeros((1, 4), DType::F32, &Device::Cpu)?;
-        let cache = KvCache::new(1);
+        let cache = cache()?;
         let one = |seq: SeqInput<'_>| {
             StepPlan::new(&[seq], &cache, LIMITS)
                 .err()

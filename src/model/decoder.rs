@@ -7,7 +7,7 @@ use candle_nn::{linear_b, Embedding, Linear, VarBuilder};
 
 use super::activation::Activation;
 use super::attention::{SelfAttention, Span};
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvCacheConfig, KvShape};
 use super::norm::RmsNorm;
 use super::rope::Rotary;
 use super::text_config::TextConfig;
@@ -92,6 +92,24 @@ impl TextModel {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The shape of this decoder's keys and values.
+    pub fn kv_shape(&self) -> KvShape {
+        let (kv_heads, head_dim) = self.layers.first().map_or((0, 0), |l| l.attn.kv_dims());
+        let weight = self.embed.embeddings();
+        KvShape {
+            num_layers: self.layers.len(),
+            kv_heads,
+            head_dim,
+            dtype: weight.dtype(),
+            device: weight.device().clone(),
+        }
+    }
+
+    /// An empty paged cache for this decoder, as big as `cfg` allows.
+    pub fn new_cache(&self, cfg: &KvCacheConfig) -> Result<KvCache> {
+        KvCache::new(&self.kv_shape(), cfg)
     }
 
     /// Token embeddings: ids (T,) u32 -> (T, D).

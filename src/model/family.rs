@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::idefics3::Idefics3Model;
 use super::json;
 use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
-use super::{KvCache, LlavaModel, ModelError, SeqInput};
+use super::{KvCache, KvCacheConfig, LlavaModel, ModelError, SeqInput};
 
 /// One preprocessed image in the shape its family's vision tower takes.
 #[derive(Debug, Clone)]
@@ -69,11 +69,11 @@ impl ChatCache {
         }
     }
 
-    /// Bytes held by the key/value buffers of every sequence.
-    pub fn bytes(&self) -> usize {
+    /// The paged keys and values (block counts, sizes).
+    pub fn kv(&self) -> &KvCache {
         match self {
-            ChatCache::Kv(c) => c.bytes(),
-            ChatCache::Qwen(c) => c.bytes(),
+            ChatCache::Kv(c) => c,
+            ChatCache::Qwen(c) => c.kv(),
         }
     }
 }
@@ -118,12 +118,13 @@ impl ChatModel {
         }
     }
 
-    pub fn new_cache(&self) -> ChatCache {
-        match self {
-            ChatModel::Llava(m) => ChatCache::Kv(m.new_cache()),
-            ChatModel::Qwen2Vl(m) => ChatCache::Qwen(m.new_cache()),
-            ChatModel::Idefics3(m) => ChatCache::Kv(m.new_cache()),
-        }
+    /// An empty paged cache for this model, as big as `cfg` allows.
+    pub fn new_cache(&self, cfg: &KvCacheConfig) -> Result<ChatCache, ModelError> {
+        Ok(match self {
+            ChatModel::Llava(m) => ChatCache::Kv(m.new_cache(cfg)?),
+            ChatModel::Qwen2Vl(m) => ChatCache::Qwen(m.new_cache(cfg)?),
+            ChatModel::Idefics3(m) => ChatCache::Kv(m.new_cache(cfg)?),
+        })
     }
 
     /// Encodes a step's images; returns each image's rows, (tokens_i, hidden).

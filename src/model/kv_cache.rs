@@ -1,193 +1,340 @@
-//! `KvCache`: the keys and values of every running sequence, per decoder layer.
+//! `KvCache`: the paged keys and values of every running sequence.
 //!
-//! The engine owns one cache and passes it to each `LlavaModel::forward`. Each (sequence, layer)
-//! holds a `(kv_heads, capacity, head_dim)` buffer that grows in blocks of [`GROWTH_TOKENS`];
-//! new keys are written after the committed length, and the length only advances once a whole
-//! step succeeded, so a failed step leaves every sequence as it was.
+//! One pool per decoder layer, `(num_blocks * block_size, kv_heads, head_dim)` for keys and the
+//! same for values, sized once from a byte budget ([`KvCacheConfig`]); each sequence owns whole
+//! blocks of it through its block table (`blocks`), so sequences of any length share the pool
+//! without copying on growth and without padding to the longest. A step reserves its blocks
+//! ([`KvCache::reserve`]), writes its new keys into their slots, reads each sequence's keys back
+//! in position order, and commits only once the whole step succeeded (else rolls back), so a
+//! failed step leaves every sequence as it was.
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
-/// Buffers grow to the next multiple of this many positions (bounds the copying on growth to
-/// 1/64 of the per-token attention reads, and the slack to 63 positions per sequence).
-pub const GROWTH_TOKENS: usize = 64;
+use super::attention::Span;
+use super::blocks::{BlockTables, OutOfBlocks};
 
-/// One layer's keys and values for one sequence.
+/// How big the pool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Positions per block.
+    pub block_size: usize,
+    /// Bytes the pool (keys and values of every layer) may take.
+    pub max_bytes: usize,
+    /// Positions worth holding at most (e.g. seats × context); caps the pool below the budget.
+    pub max_tokens: usize,
+}
+
+impl KvCacheConfig {
+    /// A pool of `max_bytes` in blocks of `block_size`, not capped by a token count.
+    pub fn with_bytes(block_size: usize, max_bytes: usize) -> Self {
+        Self {
+            block_size,
+            max_bytes,
+            max_tokens: usize::MAX,
+        }
+    }
+}
+
+/// The shape of a decoder's keys and values.
+#[derive(Debug, Clone)]
+pub struct KvShape {
+    pub num_layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl KvShape {
+    /// Bytes one position takes over all layers, keys and values.
+    pub fn bytes_per_token(&self) -> usize {
+        self.num_layers * 2 * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+}
+
+/// One layer's pools.
 #[derive(Debug)]
-struct LayerKv {
-    /// (kv_heads, capacity, head_dim)
+struct LayerPool {
+    /// (slots, kv_heads, head_dim)
     k: Tensor,
-    /// (kv_heads, capacity, head_dim)
+    /// (slots, kv_heads, head_dim)
     v: Tensor,
 }
 
-impl LayerKv {
-    fn capacity(&self) -> usize {
-        self.k.dims().get(1).copied().unwrap_or(0)
-    }
-}
-
-#[derive(Debug)]
-struct SeqKv {
-    /// Committed positions (the sequence's length as the model has seen it).
-    len: usize,
-    layers: Vec<Option<LayerKv>>,
-}
-
-/// Per-sequence, per-layer key/value storage for batched decoding.
+/// Paged key/value storage for batched decoding.
 #[derive(Debug)]
 pub struct KvCache {
-    num_layers: usize,
-    seqs: HashMap<u64, SeqKv>,
+    tables: BlockTables,
+    layers: Vec<LayerPool>,
+    /// Per sequence of the step being run: the pool slot of each of its positions, (len + t,)
+    /// u32, so every layer reads its keys with one gather.
+    slots: HashMap<u64, Tensor>,
+    block_bytes: usize,
 }
 
 impl KvCache {
-    /// An empty cache for a decoder of `num_layers` layers.
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            num_layers,
-            seqs: HashMap::new(),
+    /// A pool for `shape` as big as `cfg` allows (the whole budget is allocated now; on CPU the
+    /// pages are only touched as blocks are first used). Fails when not one block fits.
+    pub fn new(shape: &KvShape, cfg: &KvCacheConfig) -> Result<Self> {
+        let bs = cfg.block_size.max(1);
+        let block_bytes = shape.bytes_per_token() * bs;
+        let num_blocks = (cfg.max_bytes / block_bytes.max(1)).min(cfg.max_tokens.div_ceil(bs));
+        if num_blocks == 0 {
+            candle_core::bail!(
+                "a KV cache of {} bytes holds no block of {bs} positions ({block_bytes} bytes)",
+                cfg.max_bytes
+            );
         }
+        let pool = || {
+            let dims = (num_blocks * bs, shape.kv_heads, shape.head_dim);
+            Tensor::zeros(dims, shape.dtype, &shape.device)
+        };
+        let layers = (0..shape.num_layers)
+            .map(|_| {
+                Ok(LayerPool {
+                    k: pool()?,
+                    v: pool()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            tables: BlockTables::new(bs, num_blocks),
+            layers,
+            slots: HashMap::new(),
+            block_bytes,
+        })
     }
 
     pub fn num_layers(&self) -> usize {
-        self.num_layers
+        self.layers.len()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.tables.block_size()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.tables.num_blocks()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.tables.free_blocks()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.tables.used_blocks()
+    }
+
+    /// Positions the whole pool holds: the longest sequence it can ever take.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks() * self.block_size()
     }
 
     /// Positions cached for `seq_id` (0 for an unknown sequence): the next `start_pos`.
     pub fn seq_len(&self, seq_id: u64) -> usize {
-        self.seqs.get(&seq_id).map_or(0, |s| s.len)
+        self.tables.seq_len(seq_id)
     }
 
     pub fn contains(&self, seq_id: u64) -> bool {
-        self.seqs.contains_key(&seq_id)
+        self.tables.contains(seq_id)
     }
 
-    /// Drops a sequence's keys and values (nothing happens for an unknown sequence).
+    /// Frees a sequence's blocks (nothing happens for an unknown sequence).
     pub fn remove(&mut self, seq_id: u64) {
-        self.seqs.remove(&seq_id);
+        self.tables.remove(seq_id);
+        self.slots.remove(&seq_id);
     }
 
     pub fn num_seqs(&self) -> usize {
-        self.seqs.len()
+        self.tables.num_seqs()
     }
 
-    /// Bytes held by all key/value buffers (capacity, not just committed positions).
+    /// Bytes of the blocks in use.
     pub fn bytes(&self) -> usize {
-        let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        self.seqs
-            .values()
-            .flat_map(|s| s.layers.iter().flatten())
-            .map(|l| tensor_bytes(&l.k) + tensor_bytes(&l.v))
-            .sum()
+        self.used_blocks() * self.block_bytes
     }
 
-    /// Writes `k`, `v` (each `(kv_heads, t, head_dim)`) after the committed length of `seq_id`
-    /// in `layer`, and returns all keys and values up to them: `(kv_heads, len + t, head_dim)`.
-    /// The length itself only advances with [`Self::commit`].
-    pub(crate) fn append(
-        &mut self,
-        seq_id: u64,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let num_layers = self.num_layers;
-        let seq = self.seqs.entry(seq_id).or_insert_with(|| SeqKv {
-            len: 0,
-            layers: (0..num_layers).map(|_| None).collect(),
-        });
-        let len = seq.len;
-        let slot = seq
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))?;
-        let total = len + k.dim(1)?;
-        let kv = match slot.take() {
-            Some(kv) if kv.capacity() >= total => slot.insert(kv),
-            old => match grow(old.as_ref(), k, len, total) {
-                Ok(grown) => slot.insert(grown),
-                Err(e) => {
-                    *slot = old;
-                    return Err(e);
-                }
-            },
-        };
-        kv.k.slice_set(k, 1, len)?;
-        kv.v.slice_set(v, 1, len)?;
-        Ok((kv.k.narrow(1, 0, total)?, kv.v.narrow(1, 0, total)?))
+    /// Reserves blocks for every span's new positions (all or none) and prepares their slots.
+    pub(crate) fn reserve(&mut self, spans: &[Span]) -> std::result::Result<(), OutOfBlocks> {
+        let new: Vec<(u64, usize)> = spans.iter().map(|s| (s.seq_id, s.len)).collect();
+        self.tables.reserve(&new)?;
+        for s in spans {
+            let ids = self.tables.slots(s.seq_id, 0, s.start_pos + s.len);
+            let n = ids.len();
+            let device = self
+                .layers
+                .first()
+                .map_or(Device::Cpu, |l| l.k.device().clone());
+            // Cannot fail for a u32 vector of its own length on the pool's device.
+            if let Ok(t) = Tensor::from_vec(ids, n, &device) {
+                self.slots.insert(s.seq_id, t);
+            }
+        }
+        Ok(())
     }
 
     /// Advances `seq_id`'s committed length by `tokens` after a successful step.
     pub(crate) fn commit(&mut self, seq_id: u64, tokens: usize) {
-        if let Some(seq) = self.seqs.get_mut(&seq_id) {
-            seq.len += tokens;
+        self.tables.commit(seq_id, tokens);
+    }
+
+    /// Undoes the reservations of a failed step.
+    pub(crate) fn rollback(&mut self, spans: &[Span]) {
+        for s in spans {
+            self.tables.rollback(s.seq_id);
+            if !self.tables.contains(s.seq_id) {
+                self.slots.remove(&s.seq_id);
+            }
         }
     }
-}
 
-/// A buffer with room for `total` positions holding the first `len` positions of `old`.
-fn grow(old: Option<&LayerKv>, like: &Tensor, len: usize, total: usize) -> Result<LayerKv> {
-    let capacity = total.div_ceil(GROWTH_TOKENS) * GROWTH_TOKENS;
-    let (heads, _, head_dim) = like.dims3()?;
-    let widen = |old: Option<&Tensor>| -> Result<Tensor> {
-        let fresh = |n: usize| Tensor::zeros((heads, n, head_dim), like.dtype(), like.device());
-        match old {
-            Some(t) if len > 0 => Tensor::cat(&[&t.narrow(1, 0, len)?, &fresh(capacity - len)?], 1),
-            _ => fresh(capacity),
+    /// Writes `k`, `v` (each `(t, kv_heads, head_dim)`, contiguous) at positions `start..start + t`
+    /// of `seq_id` in `layer`; the positions must be reserved.
+    pub(crate) fn write(
+        &self,
+        seq_id: u64,
+        layer: usize,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let pool = self.layer(layer)?;
+        let t = k.dim(0)?;
+        let runs = self.tables.runs(seq_id, start, start + t);
+        if runs.iter().map(|r| r.2).sum::<usize>() != t {
+            candle_core::bail!(
+                "sequence {seq_id}: positions {start}..{} not reserved",
+                start + t
+            );
         }
-    };
-    Ok(LayerKv {
-        k: widen(old.map(|o| &o.k))?,
-        v: widen(old.map(|o| &o.v))?,
-    })
+        for (pos, slot, len) in runs {
+            // Rows of a contiguous (t, kv_heads, head_dim) tensor stay contiguous.
+            pool.k.slice_set(&k.narrow(0, pos - start, len)?, 0, slot)?;
+            pool.v.slice_set(&v.narrow(0, pos - start, len)?, 0, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Keys and values of positions `first..first + n` of `seq_id` in `layer`, in position
+    /// order, each `(n, kv_heads, head_dim)`; the positions must be reserved this step.
+    pub(crate) fn read(
+        &self,
+        seq_id: u64,
+        layer: usize,
+        first: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let pool = self.layer(layer)?;
+        let slots = self.slots.get(&seq_id).ok_or_else(|| {
+            candle_core::Error::Msg(format!("sequence {seq_id} has no reserved step"))
+        })?;
+        let slots = slots.narrow(0, first, n)?;
+        Ok((
+            pool.k.index_select(&slots, 0)?,
+            pool.v.index_select(&slots, 0)?,
+        ))
+    }
+
+    fn layer(&self, layer: usize) -> Result<&LayerPool> {
+        self.layers
+            .get(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} out of range")))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
 
-    fn kv(t: usize, value: f32) -> Result<Tensor> {
-        Tensor::full(value, (2, t, 4), &Device::Cpu)
+    fn shape(num_layers: usize) -> KvShape {
+        KvShape {
+            num_layers,
+            kv_heads: 2,
+            head_dim: 4,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+
+    /// `t` positions of keys whose every value is its position.
+    fn kv(start: usize, t: usize) -> Result<Tensor> {
+        let v: Vec<f32> = (start..start + t)
+            .flat_map(|p| std::iter::repeat_n(p as f32, 8))
+            .collect();
+        Tensor::from_vec(v, (t, 2, 4), &Device::Cpu)
+    }
+
+    fn span(seq_id: u64, start_pos: usize, len: usize) -> Span {
+        Span {
+            seq_id,
+            offset: 0,
+            len,
+            start_pos,
+        }
+    }
+
+    fn positions(t: &Tensor) -> Result<Vec<f32>> {
+        t.narrow(1, 0, 1)?.narrow(2, 0, 1)?.flatten_all()?.to_vec1()
     }
 
     #[test]
-    fn appends_grows_and_commits() -> Result<()> {
-        let mut cache = KvCache::new(2);
-        let (k, _) = cache.append(7, 0, &kv(3, 1.0)?, &kv(3, 1.0)?)?;
-        assert_eq!(k.dims(), &[2, 3, 4]);
-        assert_eq!(cache.seq_len(7), 0, "not committed yet");
-        cache.append(7, 1, &kv(3, 1.0)?, &kv(3, 1.0)?)?;
-        cache.commit(7, 3);
-        assert_eq!(cache.seq_len(7), 3);
-        // Grow past one block: old values survive the copy.
-        let (k, v) = cache.append(7, 0, &kv(GROWTH_TOKENS, 2.0)?, &kv(GROWTH_TOKENS, 2.0)?)?;
-        assert_eq!(k.dims(), &[2, 3 + GROWTH_TOKENS, 4]);
-        let first: Vec<f32> = k.narrow(1, 0, 3)?.flatten_all()?.to_vec1()?;
-        assert!(first.iter().all(|&x| x == 1.0));
-        assert_eq!(
-            v.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?,
-            vec![2.0; 8]
-        );
-        // Layer 0 holds two blocks, layer 1 one block; 4-byte f32, k and v.
-        let block = 2 * GROWTH_TOKENS * 4 * DType::F32.size_in_bytes() * 2;
-        assert_eq!(cache.bytes(), 3 * block);
-        cache.remove(7);
-        cache.remove(7);
-        assert!(!cache.contains(7));
-        assert_eq!((cache.num_seqs(), cache.bytes()), (0, 0));
+    fn sized_by_the_budget() -> Result<()> {
+        // 2 layers x k,v x 2 heads x 4 dims x 4 bytes = 128 bytes a position.
+        let cache = KvCache::new(&shape(2), &KvCacheConfig::with_bytes(4, 128 * 4 * 10 + 5))?;
+        assert_eq!((cache.num_blocks(), cache.capacity_tokens()), (10, 40));
+        let capped = KvCacheConfig {
+            max_tokens: 9,
+            ..KvCacheConfig::with_bytes(4, 1 << 20)
+        };
+        assert_eq!(KvCache::new(&shape(2), &capped)?.num_blocks(), 3);
+        assert!(KvCache::new(&shape(2), &KvCacheConfig::with_bytes(4, 100)).is_err());
         Ok(())
     }
 
     #[test]
-    fn uncommitted_writes_are_overwritten() -> Result<()> {
-        let mut cache = KvCache::new(1);
-        cache.append(1, 0, &kv(2, 5.0)?, &kv(2, 5.0)?)?;
-        // The step failed before commit: the retry writes at the same place.
-        let (k, _) = cache.append(1, 0, &kv(1, 3.0)?, &kv(1, 3.0)?)?;
-        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vec![3.0; 8]);
+    fn writes_and_reads_across_blocks() -> Result<()> {
+        let mut cache = KvCache::new(&shape(1), &KvCacheConfig::with_bytes(2, 64 * 2 * 8))?;
+        // Sequence 1 takes 3 positions (blocks 0, 1), sequence 2 one (block 2).
+        let (a, b) = (span(1, 0, 3), span(2, 0, 1));
+        cache.reserve(&[a, b]).expect("room");
+        cache.write(1, 0, 0, &kv(0, 3)?, &kv(0, 3)?)?;
+        cache.write(2, 0, 0, &kv(100, 1)?, &kv(100, 1)?)?;
+        cache.commit(1, 3);
+        cache.commit(2, 1);
+        // Sequence 1 grows into a fresh block after sequence 2's.
+        cache.reserve(&[span(1, 3, 2)]).expect("room");
+        cache.write(1, 0, 3, &kv(3, 2)?, &kv(3, 2)?)?;
+        let (k, v) = cache.read(1, 0, 0, 5)?;
+        assert_eq!(positions(&k)?, vec![0., 1., 2., 3., 4.]);
+        assert_eq!(positions(&v)?, vec![0., 1., 2., 3., 4.]);
+        assert_eq!(positions(&cache.read(1, 0, 2, 2)?.0)?, vec![2., 3.]);
+        cache.commit(1, 2);
+        assert_eq!(cache.bytes(), 4 * 2 * 64);
+        cache.remove(1);
+        cache.remove(2);
+        assert_eq!(
+            (cache.num_seqs(), cache.bytes(), cache.free_blocks()),
+            (0, 0, 8)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_step_is_rolled_back() -> Result<()> {
+        let mut cache = KvCache::new(&shape(1), &KvCacheConfig::with_bytes(2, 64 * 2 * 3))?;
+        cache.reserve(&[span(1, 0, 2)]).expect("room");
+        cache.write(1, 0, 0, &kv(0, 2)?, &kv(0, 2)?)?;
+        cache.commit(1, 2);
+        cache
+            .reserve(&[span(1, 2, 1), span(2, 0, 2)])
+            .expect("room");
+        cache.rollback(&[span(1, 2, 1), span(2, 0, 2)]);
+        assert_eq!((cache.seq_len(1), cache.used_blocks()), (2, 1));
+        assert!(!cache.contains(2));
+        assert!(cache.reserve(&[span(2, 0, 6)]).is_err(), "3 blocks, 2 free");
+        assert!(cache.write(2, 0, 0, &kv(0, 1)?, &kv(0, 1)?).is_err());
         Ok(())
     }
 }

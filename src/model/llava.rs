@@ -11,7 +11,7 @@ use super::activation::Activation;
 use super::batch::{Limits, SeqInput};
 use super::config::{FeatureSelect, LlavaConfig};
 use super::decoder::TextModel;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvCacheConfig};
 use super::splice::Spliced;
 use super::vision::VisionTower;
 use super::weights::{self, Layout};
@@ -122,9 +122,9 @@ impl LlavaModel {
         &self.device
     }
 
-    /// An empty cache sized for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.text.num_layers())
+    /// An empty paged cache for this model's decoder, as big as `cfg` allows.
+    pub fn new_cache(&self, cfg: &KvCacheConfig) -> Result<KvCache, ModelError> {
+        Ok(self.text.new_cache(cfg)?)
     }
 
     /// pixel_values (N, C, H, W) f32 -> (N, tokens_per_image, text_hidden) in the model dtype.

@@ -16,6 +16,7 @@
 mod activation;
 mod attention;
 mod batch;
+mod blocks;
 mod config;
 mod decoder;
 pub mod embed;
@@ -35,10 +36,11 @@ mod weights;
 
 pub use activation::Activation;
 pub use batch::SeqInput;
+pub use blocks::OutOfBlocks;
 pub use config::{FeatureSelect, LlavaConfig, VisionConfig, VisionKind};
 pub use error::ModelError;
 pub use family::{ChatCache, ChatModel, ImageInput, StepInput, CHAT_MODEL_TYPES};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvCacheConfig, KvShape};
 pub use llava::LlavaModel;
 pub use rope::{RopeConfig, RopeScaling};
 pub use text_config::{TextConfig, TextKind};

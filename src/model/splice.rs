@@ -1,7 +1,7 @@
 //! The batched step shared by decoders whose images become rows spliced in at
 //! the image-token positions (LLaVA, Idefics3): check and flatten the step,
 //! embed the tokens, splice the image rows, run the decoder, and commit the
-//! cache only when the whole step succeeded.
+//! cache only when the whole step succeeded (else roll its reservation back).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -24,6 +24,9 @@ impl Spliced<'_> {
     /// f32. On error nothing is committed: cached lengths stay as they were.
     pub fn step(&self, batch: &[SeqInput<'_>], cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let plan = StepPlan::new(batch, cache, self.limits)?;
+        cache
+            .reserve(&plan.spans)
+            .map_err(|e| ModelError::Batch(e.to_string()))?;
         let result = self
             .input_embeddings(&plan)
             .and_then(|xs| self.text.forward(&xs, &plan.positions, &plan.spans, cache));
@@ -35,9 +38,7 @@ impl Spliced<'_> {
                 Ok(logits)
             }
             Err(e) => {
-                for id in &plan.fresh {
-                    cache.remove(*id);
-                }
+                cache.rollback(&plan.spans);
                 Err(e.into())
             }
         }

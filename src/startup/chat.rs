@@ -13,7 +13,7 @@ use super::read_json;
 use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
-use crate::model::ChatModel;
+use crate::model::{ChatModel, KvCacheConfig};
 use crate::preprocess::{
     Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor, Qwen2VlImageProcessor,
 };
@@ -34,6 +34,23 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
     let model = ChatModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let vision = vision_prep(dir, &model)?;
+    let cache = model
+        .new_cache(&KvCacheConfig {
+            block_size: cfg.engine.block_size,
+            max_bytes: cfg.engine.kv_cache_bytes,
+            max_tokens: cfg.engine.max_num_seqs.saturating_mul(model.max_context()),
+        })
+        .context("cannot size the KV cache (engine.kv_cache_bytes)")?;
+    // A sequence alone must always fit the pool, or it could never finish.
+    let max_context = model.max_context().min(cache.kv().capacity_tokens());
+    if max_context < model.max_context() {
+        tracing::warn!(
+            model = %m.served_name(),
+            kv_tokens = max_context,
+            model_context = model.max_context(),
+            "the KV cache holds fewer positions than the model's context: requests are limited to it"
+        );
+    }
 
     let image_token_id = model.image_token_id();
     let image_token = tokenizer.id_to_token(image_token_id).with_context(|| {
@@ -55,7 +72,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         image_token,
         image_token_id,
         bos_token,
-        max_context: model.max_context(),
+        max_context,
         max_token_bytes: tokens.longest_token_bytes(),
         limits: ValidationLimits {
             max_images_per_request: cfg.limits.max_images_per_request,
@@ -75,6 +92,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
             max_num_seqs: cfg.engine.max_num_seqs,
             max_batched_tokens: cfg.engine.max_batched_tokens,
         },
+        cache,
         max_waiting: cfg.engine.max_waiting,
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;

@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 
 use super::batch::{Limits, SeqInput};
 use super::decoder::TextModel;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvCacheConfig};
 use super::splice::Spliced;
 use super::weights;
 use super::ModelError;
@@ -149,9 +149,9 @@ impl Idefics3Model {
         &self.device
     }
 
-    /// An empty cache sized for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.text.num_layers())
+    /// An empty paged cache for this model's decoder, as big as `cfg` allows.
+    pub fn new_cache(&self, cfg: &KvCacheConfig) -> Result<KvCache, ModelError> {
+        Ok(self.text.new_cache(cfg)?)
     }
 
     /// Tiles of one or more images -> image rows (n_real_tiles * rows_per_tile, text_hidden)

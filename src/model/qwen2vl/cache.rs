@@ -15,9 +15,9 @@ pub struct Qwen2VlCache {
 }
 
 impl Qwen2VlCache {
-    pub(crate) fn new(num_layers: usize) -> Self {
+    pub(crate) fn new(kv: KvCache) -> Self {
         Self {
-            kv: KvCache::new(num_layers),
+            kv,
             rope: HashMap::new(),
         }
     }
@@ -41,9 +41,14 @@ impl Qwen2VlCache {
         self.kv.num_seqs()
     }
 
-    /// Bytes held by the key/value buffers.
+    /// Bytes of the key/value blocks in use.
     pub fn bytes(&self) -> usize {
         self.kv.bytes()
+    }
+
+    /// The paged keys and values.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
     }
 
     /// transformers' `rope_deltas` for `seq_id`: the M-RoPE position of its next text token

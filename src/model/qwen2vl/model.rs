@@ -14,7 +14,7 @@ use super::vision::VisionTower;
 use crate::model::batch::{Limits, SeqInput, StepPlan};
 use crate::model::decoder::TextModel;
 use crate::model::weights::{self, find};
-use crate::model::ModelError;
+use crate::model::{KvCacheConfig, ModelError};
 
 /// New tokens of one sequence for this step.
 #[derive(Debug, Clone, Copy)]
@@ -118,9 +118,9 @@ impl Qwen2VlModel {
         &self.device
     }
 
-    /// An empty cache sized for this model.
-    pub fn new_cache(&self) -> Qwen2VlCache {
-        Qwen2VlCache::new(self.text.num_layers())
+    /// An empty paged cache for this model's decoder, as big as `cfg` allows.
+    pub fn new_cache(&self, cfg: &KvCacheConfig) -> Result<Qwen2VlCache, ModelError> {
+        Ok(Qwen2VlCache::new(self.text.new_cache(cfg)?))
     }
 
     /// One image: `patches` (t·h·w, C·T·P·P), the processor's `pixel_values` rows for it, with
@@ -203,6 +203,10 @@ impl Qwen2VlModel {
             positions.extend(pos);
             states.push((s.seq_id, state));
         }
+        cache
+            .kv
+            .reserve(&plan.spans)
+            .map_err(|e| ModelError::Batch(e.to_string()))?;
         let result = self.run(&plan, &positions, cache);
         match result {
             Ok(logits) => {
@@ -213,9 +217,7 @@ impl Qwen2VlModel {
                 Ok(logits)
             }
             Err(e) => {
-                for id in &plan.fresh {
-                    cache.kv.remove(*id);
-                }
+                cache.kv.rollback(&plan.spans);
                 Err(e.into())
             }
         }
