@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod preprocess;

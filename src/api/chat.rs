@@ -12,6 +12,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::observe::ChatTimer;
 use super::{stream, unix_now, AppState, ChatServing};
 use crate::engine::{EngineRequest, Event, TestHook, TokenLogprobs};
 use crate::openai::request::ChatCompletionRequest;
@@ -46,6 +47,8 @@ pub async fn chat_completions(
     .await
     .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
     let receivers = submit(serving, &valid, opts)?;
+    serving.metrics.images.inc_by(valid.images.len() as u64);
+    let timer = ChatTimer::new(serving.metrics.clone(), arrived, receivers.len());
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
@@ -54,12 +57,19 @@ pub async fn chat_completions(
     };
     let tokens = Arc::clone(&serving.tokens);
     if valid.stream {
-        let sse = stream::sse(meta, receivers, tokens, valid.include_usage, in_flight);
+        let sse = stream::sse(
+            meta,
+            receivers,
+            tokens,
+            valid.include_usage,
+            in_flight,
+            timer,
+        );
         return Ok(sse.into_response());
     }
     // Dropped with the connection, this future drops the receivers, which
     // cancels the sequences.
-    Ok(Json(collect(meta, receivers, &tokens).await?).into_response())
+    Ok(Json(collect(meta, receivers, &tokens, timer).await?).into_response())
 }
 
 /// What a request's headers ask of the engine.
@@ -156,6 +166,7 @@ async fn collect(
     meta: ResponseMeta,
     receivers: Vec<UnboundedReceiver<Event>>,
     tokens: &TokenTable,
+    mut timer: ChatTimer,
 ) -> Result<ChatCompletion, ApiError> {
     let mut choices = Vec::with_capacity(receivers.len());
     let mut usage = Usage::default();
@@ -165,6 +176,7 @@ async fn collect(
         let finish_reason = loop {
             match rx.recv().await {
                 Some(Event::Token { text, logprobs: lp }) => {
+                    timer.token(index);
                     content.push_str(&text);
                     logprobs.extend(lp.map(|l| to_openai_logprob(&l, tokens)));
                 }
@@ -174,6 +186,7 @@ async fn collect(
                     completion_tokens,
                 }) => {
                     usage = Usage::new(prompt_tokens, usage.completion_tokens + completion_tokens);
+                    timer.finished(index, completion_tokens);
                     break reason;
                 }
                 Some(Event::Failed(e)) => return Err(e.into()),
@@ -192,6 +205,7 @@ async fn collect(
             finish_reason: finish_reason.as_str(),
         });
     }
+    timer.done(&usage);
     Ok(ChatCompletion {
         id: meta.id,
         object: "chat.completion",

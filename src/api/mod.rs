@@ -8,6 +8,7 @@ pub mod error;
 mod guard;
 mod json;
 pub mod lifecycle;
+mod observe;
 mod stream;
 
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use crate::config::{ModelKind, ServerConfig};
 use crate::engine::embed::EmbedHandle;
 use crate::engine::{EngineHandle, EngineStats};
+use crate::metrics::ModelMetrics;
 use crate::openai::excerpt;
 use crate::openai::response::{ModelCard, ModelList};
 use crate::text::TokenTable;
@@ -41,6 +43,8 @@ pub struct ChatServing {
     pub request_timeout: Option<Duration>,
     /// Whether the `x-mmserve-test-hook` header is honoured (tests only).
     pub test_hooks: bool,
+    /// Where its requests' timings and token counts go.
+    pub metrics: ModelMetrics,
 }
 
 /// A loaded embedding model, ready to serve.
@@ -186,11 +190,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(observe::render))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(keys)
         .layer(headers)
+        .layer(middleware::from_fn(observe::count_requests))
         .with_state(state);
     // Outermost, so that preflights (which carry no key) are answered.
     match cors {

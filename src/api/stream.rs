@@ -15,6 +15,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::chat::{to_openai_logprob, ResponseMeta};
 use super::error::ApiError;
 use super::lifecycle::InFlight;
+use super::observe::ChatTimer;
 use crate::engine::{EngineError, Event};
 use crate::openai::response::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
 use crate::text::TokenTable;
@@ -33,12 +34,13 @@ pub fn sse(
     tokens: Arc<TokenTable>,
     include_usage: bool,
     in_flight: InFlight,
+    timer: ChatTimer,
 ) -> SseStream {
     let (tx, rx) = channel(BUFFER);
     tokio::spawn(async move {
         let closed = tx.clone();
         tokio::select! {
-            () = relay(meta, receivers, tokens, include_usage, tx) => {}
+            () = relay(meta, receivers, tokens, include_usage, tx, timer) => {}
             () = closed.closed() => {}
         }
         drop(in_flight);
@@ -107,6 +109,7 @@ async fn relay(
     tokens: Arc<TokenTable>,
     include_usage: bool,
     tx: Sender<Result<SseEvent, Infallible>>,
+    mut timer: ChatTimer,
 ) {
     let relay = Relay { meta, tx };
     let n = receivers.len();
@@ -126,6 +129,7 @@ async fn relay(
     while let Some((i, event)) = events.next().await {
         let sent = match event {
             Event::Token { text, logprobs } => {
+                timer.token(i);
                 if text.is_empty() && logprobs.is_none() {
                     continue;
                 }
@@ -147,6 +151,7 @@ async fn relay(
             } => {
                 finished.insert(i);
                 usage = Usage::new(prompt_tokens, usage.completion_tokens + completion_tokens);
+                timer.finished(i, completion_tokens);
                 relay
                     .choice(i, Delta::default(), Some(reason.as_str()))
                     .await
@@ -164,6 +169,7 @@ async fn relay(
         relay.error_and_done(EngineError::Stopped.into()).await;
         return;
     }
+    timer.done(&usage);
     if include_usage && !relay.chunk(Vec::new(), Some(usage)).await {
         return;
     }

@@ -12,6 +12,7 @@ use super::load::KvUsage;
 use super::scheduler::SchedulerConfig;
 use super::sequence::{Sequence, TextTools};
 use super::{Command, EngineError, EngineLoad, TestHook};
+use crate::metrics::EngineMetrics;
 use crate::model::{ChatCache, ChatModel};
 use crate::text::TokenTable;
 
@@ -28,6 +29,8 @@ pub struct EngineParts {
     pub cache: ChatCache,
     /// Most sequences allowed to wait for a seat.
     pub max_waiting: usize,
+    /// Where each step's queue times, vision time and batch size go.
+    pub metrics: EngineMetrics,
 }
 
 /// State owned by the engine thread alone.
@@ -45,6 +48,7 @@ pub struct EngineCore {
     /// Figures the handles read; the waiting count is taken by the handles on
     /// submit and given back here when a sequence leaves the queue.
     pub(super) load: Arc<EngineLoad>,
+    pub(super) metrics: EngineMetrics,
     next_id: u64,
 }
 
@@ -60,6 +64,7 @@ impl EngineCore {
             waiting: VecDeque::new(),
             running: Vec::new(),
             load: Arc::new(EngineLoad::new(parts.max_waiting)),
+            metrics: parts.metrics,
             next_id: 0,
         }
     }

@@ -34,6 +34,9 @@ pub struct Sequence {
     pub deadline: Option<Instant>,
     /// A fault or behaviour a test asked for.
     pub hook: Option<TestHook>,
+    /// When the engine received it; taken at its first admission, so a
+    /// preempted sequence's queue time counts once.
+    pub submitted: Option<Instant>,
     max_tokens: usize,
     logprobs: bool,
     sampler: Sampler,
@@ -69,6 +72,7 @@ impl Sequence {
             cached: 0,
             deadline: req.deadline,
             hook: req.hook,
+            submitted: Some(Instant::now()),
             max_tokens: req.max_tokens,
             logprobs: req.sampling.logprobs,
             sampler: Sampler::new(&req.sampling),

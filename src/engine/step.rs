@@ -10,12 +10,15 @@
 //! KV cache commits a step's keys only after the whole step succeeded
 //! (`model::kv_cache`), so a failed step leaves every sequence as it was.
 
+use std::time::Instant;
+
 use candle_core::Tensor;
 
 use super::core::EngineCore;
 use super::scheduler::{self, Blocks, Plan, SeqState};
 use super::sequence::{Progress, Sequence, TextTools};
 use super::{guarded, EngineError, TestHook};
+use crate::metrics::observe;
 use crate::model::{ImageInput, StepInput};
 
 /// The fault a test asked for, if any sequence of a batch carries one.
@@ -59,6 +62,7 @@ impl EngineCore {
         if fed.is_empty() {
             return;
         }
+        self.metrics.batch_size.observe(fed.len() as f64);
         let rows = match self.forward(&fed) {
             Ok(rows) => rows.into_iter().map(Some).collect(),
             Err(err) if fed.len() > 1 => {
@@ -141,6 +145,11 @@ impl EngineCore {
     /// Moves the admitted sequences from the queue to the running batch.
     fn admit(&mut self, first_chunks: &[usize], chunks: &mut Vec<usize>) {
         let n = first_chunks.len().min(self.waiting.len());
+        for s in self.waiting.range_mut(..n) {
+            if let Some(t) = s.submitted.take() {
+                observe(&self.metrics.queue_time, t.elapsed());
+            }
+        }
         self.running.extend(self.waiting.drain(..n));
         self.load.release(n);
         chunks.extend_from_slice(&first_chunks[..n]);
@@ -213,12 +222,14 @@ impl EngineCore {
         let seqs: Vec<&Sequence> = which.iter().map(|&i| &self.running[i]).collect();
         let images: Vec<&ImageInput> = seqs.iter().flat_map(|s| s.images.iter()).collect();
         let err = |e: String| EngineError::Model(e);
+        let started = Instant::now();
         // One (tokens_i, hidden) tensor per image, in order.
         let mut rows = self
             .model
             .encode_images(&images)
             .map_err(|e| err(e.to_string()))?
             .into_iter();
+        observe(&self.metrics.vision_time, started.elapsed());
         let image_token = self.model.image_token_id();
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {

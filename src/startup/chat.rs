@@ -13,6 +13,7 @@ use super::read_json;
 use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
+use crate::metrics::metrics;
 use crate::model::{ChatModel, KvCacheConfig};
 use crate::preprocess::{
     Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor, Qwen2VlImageProcessor,
@@ -94,6 +95,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         },
         cache,
         max_waiting: cfg.engine.max_waiting,
+        metrics: metrics().engine(&m.served_name()),
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
     let serving = ChatServing {
@@ -102,6 +104,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         tokens,
         request_timeout: cfg.engine.request_timeout(),
         test_hooks: cfg.debug.test_hooks,
+        metrics: metrics().model(&m.served_name()),
     };
     Ok((serving, join))
 }

@@ -1,0 +1,142 @@
+//! `GET /metrics` through real HTTP: after a few chat requests the counters
+//! moved by exactly what the responses report and the histograms have
+//! observations. The registry is process-wide, so this binary runs one test
+//! against one server.
+
+mod common;
+
+use serde_json::{json, Value};
+
+const MODEL: &str = "llava-clip-llama";
+
+/// The scrape as text.
+async fn scrape(base: &str) -> String {
+    let resp = common::client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ctype = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    resp.text().await.expect("body")
+}
+
+/// The value of the sample `name` whose labels include every one of `labels`
+/// (0 when absent: a counter not yet touched).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(key, _)| {
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v.parse::<f64>().expect("sample value"))
+        .sum()
+}
+
+/// How much `name` (for this model, or with `labels`) moved between two scrapes.
+fn moved(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(after, name, labels) - sample(before, name, labels)
+}
+
+fn request(content: Value, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+    })
+}
+
+#[tokio::test]
+async fn counters_and_histograms_move_with_requests() {
+    let base = common::start(common::config(&[MODEL]));
+    let before = scrape(&base).await;
+
+    let with_image = json!([
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": common::data_url("cat.jpg")}},
+    ]);
+    let mut usages = Vec::new();
+    for body in [
+        request(json!("Hello there"), 5, false),
+        request(with_image, 4, false),
+    ] {
+        let (status, v) = common::chat(&base, &body).await;
+        assert_eq!(status, 200, "{v}");
+        usages.push(v["usage"].clone());
+    }
+    let events = common::chat_stream(&base, &request(json!("Say more"), 6, true)).await;
+    let usage = events
+        .iter()
+        .find(|e| e["usage"].is_object())
+        .expect("usage chunk");
+    usages.push(usage["usage"].clone());
+    let (status, _) = common::get(&base, "/v1/no-such-route").await;
+    assert_eq!(status, 404);
+
+    let after = scrape(&base).await;
+    let m = [("model_name", MODEL)];
+    let total = |key: &str| -> f64 { usages.iter().map(|u| u[key].as_f64().unwrap()).sum() };
+    let chat_200 = [("endpoint", "/v1/chat/completions"), ("status", "200")];
+    assert_eq!(
+        moved(&before, &after, "mmserve:http_requests_total", &chat_200),
+        3.0
+    );
+    let other_404 = [("endpoint", "other"), ("status", "404")];
+    assert_eq!(
+        moved(&before, &after, "mmserve:http_requests_total", &other_404),
+        1.0
+    );
+    assert!(total("prompt_tokens") > 0.0 && total("completion_tokens") > 0.0);
+    assert_eq!(
+        moved(&before, &after, "mmserve:prompt_tokens_total", &m),
+        total("prompt_tokens")
+    );
+    assert_eq!(
+        moved(&before, &after, "mmserve:generation_tokens_total", &m),
+        total("completion_tokens")
+    );
+    assert_eq!(
+        moved(&before, &after, "mmserve:image_inputs_total", &m),
+        1.0
+    );
+    for h in [
+        "mmserve:time_to_first_token_seconds",
+        "mmserve:e2e_request_latency_seconds",
+        "mmserve:request_queue_time_seconds",
+    ] {
+        let count = format!("{h}_count");
+        assert_eq!(moved(&before, &after, &count, &m), 3.0, "{h}");
+        assert!(moved(&before, &after, &format!("{h}_sum"), &m) > 0.0, "{h}");
+    }
+    let vision = "mmserve:vision_encoder_time_seconds_count";
+    assert_eq!(moved(&before, &after, vision, &m), 1.0);
+    let steps = moved(&before, &after, "mmserve:batch_size_count", &m);
+    // At least one step per generated token, since requests ran one by one.
+    assert!(steps >= total("completion_tokens"), "{steps} steps");
+    let multi = usages
+        .iter()
+        .filter(|u| u["completion_tokens"].as_u64() > Some(1));
+    let tpot = "mmserve:time_per_output_token_seconds_count";
+    assert_eq!(moved(&before, &after, tpot, &m), multi.count() as f64);
+    for gauge in [
+        "mmserve:num_requests_running",
+        "mmserve:num_requests_waiting",
+    ] {
+        assert!(
+            after.contains(&format!("{gauge}{{model_name=\"{MODEL}\"}} 0")),
+            "{gauge}"
+        );
+    }
+    let blocks = sample(&after, "mmserve:kv_cache_blocks_total", &m);
+    assert!(blocks > 0.0, "{blocks} KV blocks");
+    assert_eq!(sample(&after, "mmserve:kv_cache_blocks_used", &m), 0.0);
+}
