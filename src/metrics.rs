@@ -132,11 +132,7 @@ impl Metrics {
                 "mmserve:kv_cache_usage_bytes",
                 "Bytes held by the KV cache.",
             ),
-            kv_blocks_used: gauge(
-                r,
-                "mmserve:kv_cache_blocks_used",
-                "KV cache blocks in use.",
-            ),
+            kv_blocks_used: gauge(r, "mmserve:kv_cache_blocks_used", "KV cache blocks in use."),
             kv_blocks_total: gauge(
                 r,
                 "mmserve:kv_cache_blocks_total",
