@@ -10,8 +10,6 @@
 //! image (shortest-edge resize without center crop), and features these processors never use
 //! (`do_pad`, `longest_edge`, `max_height`), are rejected as config errors at startup.
 
-use std::path::Path;
-
 use serde_json::{Map, Value};
 
 use super::resample::Resample;
@@ -256,16 +254,6 @@ impl ImageProcessor {
             .as_object()
             .ok_or_else(|| err("the config must be a JSON object"))?;
         Self::from_map(obj)
-    }
-
-    /// Reads and validates a `preprocessor_config.json`; errors name the file.
-    pub fn from_file(path: &Path) -> Result<Self, PreprocessError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_json_str(&text).map_err(|e| match e {
-            PreprocessError::Config(msg) => err(format!("{}: {msg}", path.display())),
-            other => other,
-        })
     }
 
     fn from_map(obj: &Map<String, Value>) -> Result<Self, PreprocessError> {

@@ -9,7 +9,7 @@
 //! - `decode`: bytes → `DynamicImage`.
 //! - `rgb`: `DynamicImage` → 8-bit RGB the way `PIL.Image.convert` / `alpha_composite` do it.
 //! - `resample`: Pillow's `Image.resize` (ImagingResample / nearest affine), bit-exact on uint8.
-//! - `config`: parsing and validating `preprocessor_config.json`.
+//! - `config`: parsing and validating `preprocessor_config.json`; `source`: finding it.
 //! - `processor`: the pipeline itself.
 //! - `vlm`: the dynamic-resolution processors of Qwen2-VL and Idefics3 / SmolVLM.
 
@@ -20,6 +20,7 @@ mod limits;
 mod processor;
 mod resample;
 mod rgb;
+mod source;
 mod vlm;
 
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub use decode::decode_image;
 pub use limits::ImageLimits;
 pub use resample::{resize_rgb8, resize_rgb8_window, Resample, Window};
 pub use rgb::to_rgb8_like_pil;
+pub use source::read_image_processor;
 pub use vlm::{
     image_prompt_string, smart_resize, Idefics3Image, Idefics3ImageProcessor, Idefics3ImageTokens,
     Qwen2VlImage, Qwen2VlImageProcessor,

@@ -19,7 +19,10 @@ use candle_core::{Device, Tensor};
 use image::{DynamicImage, RgbaImage};
 use serde_json::Value;
 
-use super::{decode_image, resize_rgb8, to_rgb8_like_pil, ImageLimits, ImageProcessor, Resample};
+use super::{
+    decode_image, read_image_processor, resize_rgb8, to_rgb8_like_pil, ImageLimits, ImageProcessor,
+    Resample,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess")
@@ -211,7 +214,7 @@ fn pixel_values_match_transformers_pil_backend() {
         let config = case["config"].as_str().unwrap();
         let image = case["image"].as_str().unwrap();
         let processor =
-            ImageProcessor::from_file(&root.join(config).join("preprocessor_config.json")).unwrap();
+            read_image_processor(&root.join(config), ImageProcessor::from_json_str).unwrap();
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(case["image_path"].as_str().unwrap());
         let img = decode_image(&std::fs::read(&path).unwrap(), &ImageLimits::default()).unwrap();
         let ours = processor.preprocess(&img).unwrap();
@@ -244,7 +247,7 @@ fn jpeg_differences_come_from_the_decoder_only() {
     let pil_decoded = image::open(fixtures().join("exif_rotated_expected.png")).unwrap();
     for config in ["clip48", "siglip32"] {
         let processor =
-            ImageProcessor::from_file(&root.join(config).join("preprocessor_config.json")).unwrap();
+            read_image_processor(&root.join(config), ImageProcessor::from_json_str).unwrap();
         let ours = processor.preprocess(&pil_decoded).unwrap();
         let diff = max_abs_diff(&ours, &refs[&format!("{config}/exif_rotated.jpg/pil")]);
         assert!(diff <= 1e-6, "{config}: {diff}");

@@ -16,7 +16,8 @@ use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::metrics::metrics;
 use crate::model::{ChatModel, KvCacheConfig};
 use crate::preprocess::{
-    Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor, Qwen2VlImageProcessor,
+    read_image_processor, Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor,
+    Qwen2VlImageProcessor,
 };
 use crate::prompt::ChatTemplate;
 use crate::text::TokenTable;
@@ -136,17 +137,19 @@ fn eos_ids(dir: &Path, tok: &Tokenizer, eos_token: Option<&str>) -> Result<Vec<u
     Ok(ids)
 }
 
-/// The model family's image preparation, from `preprocessor_config.json`.
+/// The model family's image preparation, from the checkpoint's image-processor settings.
 fn vision_prep(dir: &Path, model: &ChatModel) -> Result<VisionPrep> {
-    let path = dir.join("preprocessor_config.json");
     Ok(match model {
         ChatModel::Llava(m) => VisionPrep::Fixed {
-            processor: ImageProcessor::from_file(&path)?,
+            processor: read_image_processor(dir, ImageProcessor::from_json_str)?,
             tokens_per_image: m.tokens_per_image(),
         },
-        ChatModel::Qwen2Vl(_) => VisionPrep::Qwen2Vl(Qwen2VlImageProcessor::from_file(&path)?),
+        ChatModel::Qwen2Vl(_) => VisionPrep::Qwen2Vl(read_image_processor(
+            dir,
+            Qwen2VlImageProcessor::from_json_str,
+        )?),
         ChatModel::Idefics3(m) => VisionPrep::Idefics3 {
-            processor: Idefics3ImageProcessor::from_file(&path)?,
+            processor: read_image_processor(dir, Idefics3ImageProcessor::from_json_str)?,
             image_seq_len: m.tokens_per_tile(),
             tokens: Idefics3ImageTokens::default(),
         },

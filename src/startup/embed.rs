@@ -12,7 +12,7 @@ use crate::api::EmbedServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::embed::EmbedHandle;
 use crate::model::embed::EmbeddingModel;
-use crate::preprocess::ImageProcessor;
+use crate::preprocess::{read_image_processor, ImageProcessor};
 use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
 
@@ -21,7 +21,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
-    let processor = ImageProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+    let processor = read_image_processor(dir, ImageProcessor::from_json_str)?;
     let model = EmbeddingModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let max_token_bytes = TokenTable::new(&tokenizer).longest_token_bytes();

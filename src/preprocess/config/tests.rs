@@ -122,23 +122,39 @@ fn bad_configs_are_config_errors() {
 }
 
 #[test]
-fn from_file_names_the_file() {
+fn read_from_either_file_and_errors_name_it() {
+    use crate::preprocess::read_image_processor;
     let dir = std::env::temp_dir().join(format!("mmserve-preprocess-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let read = |dir: &std::path::Path| read_image_processor(dir, ImageProcessor::from_json_str);
+    let missing = read(&dir).unwrap_err();
+    assert!(missing.to_string().contains("image_processor"), "{missing}");
+    // transformers 5's processor save: the settings nested in processor_config.json.
+    let nested = dir.join("processor_config.json");
+    let entry = |json: &str| format!(r#"{{"patch_size": 14, "image_processor": {json}}}"#);
+    std::fs::write(&nested, entry(SIGLIP_V4)).unwrap();
+    assert_eq!(read(&dir).unwrap().output_size(), (384, 384));
+    std::fs::write(
+        &nested,
+        entry(r#"{"image_processor_type": "CLIPImageProcessor", "resample": 9}"#),
+    )
+    .unwrap();
+    let e = read(&dir).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("processor_config.json: image_processor"),
+        "{e}"
+    );
+    // preprocessor_config.json, when present, wins.
     let path = dir.join("preprocessor_config.json");
     std::fs::write(
         &path,
         r#"{"image_processor_type": "CLIPImageProcessor", "resample": 9}"#,
     )
     .unwrap();
-    let e = ImageProcessor::from_file(&path).unwrap_err();
+    let e = read(&dir).unwrap_err();
     assert!(e.to_string().contains("preprocessor_config.json"), "{e}");
     std::fs::write(&path, SIGLIP_V4).unwrap();
-    assert_eq!(
-        ImageProcessor::from_file(&path).unwrap().output_size(),
-        (384, 384)
-    );
-    let missing = ImageProcessor::from_file(&dir.join("absent.json")).unwrap_err();
-    assert!(missing.to_string().contains("absent.json"), "{missing}");
+    assert_eq!(read(&dir).unwrap().output_size(), (384, 384));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,15 +12,13 @@
 //! 4. pad every frame to the largest frame (bottom/right zeros, mask 0 there). All frames are
 //!    M x M in every configuration, so in practice the mask is all ones.
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 use image::{imageops, DynamicImage, RgbImage};
 use serde_json::{Map, Value};
 
 use super::{
     err, get, get_bool, parse_object, parse_resample, parse_rescale_normalize, positive,
-    processor_type, read_config, RescaleNormalize,
+    processor_type, RescaleNormalize,
 };
 use crate::preprocess::resample::{resize_rgb8, Resample};
 use crate::preprocess::rgb::as_rgb8_like_pil;
@@ -172,14 +170,6 @@ impl Idefics3ImageProcessor {
     /// Parses and validates the text of a `preprocessor_config.json`.
     pub fn from_json_str(json: &str) -> Result<Self, PreprocessError> {
         Self::from_map(&parse_object(json)?)
-    }
-
-    /// Reads and validates a `preprocessor_config.json`; errors name the file.
-    pub fn from_file(path: &Path) -> Result<Self, PreprocessError> {
-        Self::from_map(&read_config(path)?).map_err(|e| match e {
-            PreprocessError::Config(msg) => err(format!("{}: {msg}", path.display())),
-            other => other,
-        })
     }
 
     fn from_map(obj: &Map<String, Value>) -> Result<Self, PreprocessError> {

@@ -19,8 +19,6 @@ pub use idefics3::{
 };
 pub use qwen2vl::{smart_resize, Qwen2VlImage, Qwen2VlImageProcessor};
 
-use std::path::Path;
-
 use image::RgbImage;
 use serde_json::{Map, Value};
 
@@ -37,15 +35,6 @@ fn err(msg: impl Into<String>) -> PreprocessError {
 }
 
 /// The config file as a JSON object; errors name the file.
-fn read_config(path: &Path) -> Result<Map<String, Value>, PreprocessError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-    parse_object(&text).map_err(|e| match e {
-        PreprocessError::Config(msg) => err(format!("{}: {msg}", path.display())),
-        other => other,
-    })
-}
-
 fn parse_object(json: &str) -> Result<Map<String, Value>, PreprocessError> {
     match serde_json::from_str(json) {
         Ok(Value::Object(map)) => Ok(map),

@@ -13,15 +13,13 @@
 //! max_pixels}` is accepted as an alias (transformers 4 read it; transformers 5 rejects it at
 //! preprocessing time).
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 use image::DynamicImage;
 use serde_json::{Map, Value};
 
 use super::{
     err, get, get_bool, get_positive, parse_object, parse_resample, parse_rescale_normalize,
-    positive, processor_type, read_config, RescaleNormalize,
+    positive, processor_type, RescaleNormalize,
 };
 use crate::preprocess::resample::{resize_rgb8, Resample};
 use crate::preprocess::rgb::as_rgb8_like_pil;
@@ -129,14 +127,6 @@ impl Qwen2VlImageProcessor {
     /// Parses and validates the text of a `preprocessor_config.json`.
     pub fn from_json_str(json: &str) -> Result<Self, PreprocessError> {
         Self::from_map(&parse_object(json)?)
-    }
-
-    /// Reads and validates a `preprocessor_config.json`; errors name the file.
-    pub fn from_file(path: &Path) -> Result<Self, PreprocessError> {
-        Self::from_map(&read_config(path)?).map_err(|e| match e {
-            PreprocessError::Config(msg) => err(format!("{}: {msg}", path.display())),
-            other => other,
-        })
     }
 
     fn from_map(obj: &Map<String, Value>) -> Result<Self, PreprocessError> {

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::{Idefics3ImageProcessor, Qwen2VlImageProcessor};
-use crate::preprocess::{decode_image, ImageLimits};
+use crate::preprocess::{decode_image, read_image_processor, ImageLimits};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/vlm")
@@ -42,19 +42,17 @@ fn dims(v: &Value) -> Vec<usize> {
 
 /// Our output for one case: the f32 tensor plus the grid or `[rows, cols]`.
 fn run(case: &Value) -> (Tensor, Vec<usize>) {
-    let config = root()
-        .join(case["config"].as_str().unwrap())
-        .join("preprocessor_config.json");
+    let config = root().join(case["config"].as_str().unwrap());
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(case["image_path"].as_str().unwrap());
     let img = decode_image(&std::fs::read(&path).unwrap(), &ImageLimits::default()).unwrap();
     if case["config"].as_str().unwrap().starts_with("qwen") {
-        let out = Qwen2VlImageProcessor::from_file(&config)
+        let out = read_image_processor(&config, Qwen2VlImageProcessor::from_json_str)
             .unwrap()
             .preprocess(&img)
             .unwrap();
         (out.patches, out.grid_thw.to_vec())
     } else {
-        let out = Idefics3ImageProcessor::from_file(&config)
+        let out = read_image_processor(&config, Idefics3ImageProcessor::from_json_str)
             .unwrap()
             .preprocess(&img)
             .unwrap();
