@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mmserve::api::{lifecycle, AppState};
 use mmserve::config::{Config, Dtype, ModelConfig};
+use mmserve::startup::demo;
 use tokio::sync::mpsc;
 
 /// An OpenAI-compatible inference server for vision-language models.
@@ -34,6 +35,8 @@ struct ServeArgs {
     config: Option<PathBuf>,
     /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json, ...);
     /// repeat to serve several models (chat and embedding). Replaces the config's [[models]].
+    /// With no model here or in the config, the embedded demo models are served
+    /// (`mmserve-demo`, chat, and `mmserve-demo-clip`, embeddings).
     #[arg(long, env = "MMSERVE_MODEL")]
     model: Vec<PathBuf>,
     /// The model name clients send in `model` (default: the directory's name); with one --model.
@@ -72,6 +75,14 @@ impl ServeArgs {
         if !self.model.is_empty() {
             cfg.models = self.model.iter().cloned().map(ModelConfig::new).collect();
         }
+        if cfg.models.is_empty() {
+            tracing::info!(
+                chat = demo::CHAT_NAME,
+                embedding = demo::EMBEDDING_NAME,
+                "no model given: serving the embedded demo models (pass --model DIR for your own)"
+            );
+            cfg.models = demo::models()?;
+        }
         if let Some(n) = &self.served_model_name {
             match cfg.models.as_mut_slice() {
                 [m] => m.name = n.clone(),
@@ -100,11 +111,6 @@ impl ServeArgs {
             .filter(|k| !k.is_empty());
         cfg.server.api_keys.extend(keys.map(str::to_string));
         cfg.check()?;
-        if cfg.models.is_empty() {
-            anyhow::bail!(
-                "no model given: pass --model DIR (a local Hugging Face model directory)"
-            );
-        }
         Ok(cfg)
     }
 }

@@ -3,6 +3,7 @@
 //! with a message that names the file at fault.
 
 mod chat;
+pub mod demo;
 mod embed;
 
 use std::path::Path;

@@ -3,6 +3,7 @@
 //! `scripts/make_fixtures.py`.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod fuzz;
 pub mod live;
 

@@ -1,0 +1,61 @@
+//! The real `mmserve` binary as a child process on a free loopback port, for tests of what only
+//! the command line does (default models, signals, exit codes).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `mmserve serve`; killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now (the kernel's pick, released at once).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Starts `mmserve serve ARGS --port P` with no MMSERVE_* settings from the environment and
+/// waits until `/health` answers 200 (models loaded), for at most `ready_within`.
+pub async fn start(args: &[&str], ready_within: Duration) -> Served {
+    let port = free_port().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_mmserve"))
+        .arg("serve")
+        .args(args)
+        .args(["--port", &port])
+        .env_remove("MMSERVE_MODEL")
+        .env_remove("MMSERVE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run mmserve");
+    let served = Served {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + ready_within;
+    let client = reqwest::Client::new();
+    loop {
+        let ok = client
+            .get(format!("{}/health", served.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            return served;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mmserve {args:?} not ready in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
