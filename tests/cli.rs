@@ -74,17 +74,19 @@ fn a_bad_config_file_is_named() {
 fn a_missing_file_in_the_model_directory_is_named() {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models/llava-clip-llama");
-    for missing in [
-        "tokenizer.json",
-        "preprocessor_config.json",
-        "model.safetensors",
+    // The image-processor settings may also live in processor_config.json (transformers 5):
+    // only when both are gone is something missing.
+    for (missing, also_gone) in [
+        ("tokenizer.json", ""),
+        ("preprocessor_config.json", "processor_config.json"),
+        ("model.safetensors", ""),
     ] {
         let dir =
             std::env::temp_dir().join(format!("mmserve-missing-{}-{missing}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for entry in std::fs::read_dir(&src).unwrap() {
             let entry = entry.unwrap();
-            if entry.file_name() != missing {
+            if entry.file_name() != missing && entry.file_name() != also_gone {
                 std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
             }
         }
