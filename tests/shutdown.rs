@@ -5,59 +5,28 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::live::{finish_reason, health, long_request, post, OpenStream, HOOK};
 
 const MODEL: &str = "qwen2-vl-tiny";
 
-/// mmserve on a free port with test hooks; returns the process and its URL.
-fn start() -> (Child, String) {
+/// mmserve on a free port with test hooks, once healthy.
+async fn start() -> common::binary::Served {
     let dir = std::env::temp_dir().join(format!("mmserve-shutdown-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join(format!("{:?}.toml", std::thread::current().id()));
-    let toml = "[server]\nport = 0\ndrain_timeout_secs = 120\n[debug]\ntest_hooks = true\n";
+    let toml = "[server]\ndrain_timeout_secs = 120\n[debug]\ntest_hooks = true\n";
     std::fs::write(&config, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmserve"))
-        .args(["serve", "--config", config.to_str().unwrap(), "--model"])
-        .arg(common::model_dir(MODEL))
-        .env_remove("MMSERVE_MODEL")
-        .env_remove("MMSERVE_PORT")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run mmserve");
-    // The log line `listening ... addr=127.0.0.1:PORT` names the port.
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let mut url = None;
-    for line in out.lines() {
-        let line = line.expect("log line");
-        if let Some(at) = line.find("addr=127.0.0.1:") {
-            let port: String = line[at + 15..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            url = Some(format!("http://127.0.0.1:{port}"));
-            break;
-        }
-    }
-    (child, url.expect("mmserve did not say where it listens"))
-}
-
-async fn ready(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = common::client().get(format!("{base}/health")).send().await {
-            if r.status().as_u16() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("mmserve never became healthy");
+    let model = common::model_dir(MODEL);
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    common::binary::start(&args, Duration::from_secs(60)).await
 }
 
 /// Waits for the process to exit (a minute at most) and returns its code.
@@ -86,8 +55,8 @@ fn signal(child: &Child, name: &str) {
 
 #[tokio::test]
 async fn sigterm_drains_ten_streams_then_exits_0() {
-    let (mut child, base) = start();
-    ready(&base).await;
+    let mut served = start().await;
+    let base = served.base.clone();
     let mut streams = Vec::new();
     for _ in 0..10 {
         let body = long_request(MODEL, 1500, true);
@@ -95,7 +64,7 @@ async fn sigterm_drains_ten_streams_then_exits_0() {
         s.until_text().await;
         streams.push(s);
     }
-    signal(&child, "-TERM");
+    signal(&served.child, "-TERM");
     // Draining: /health and new requests answer 503.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -116,13 +85,13 @@ async fn sigterm_drains_ten_streams_then_exits_0() {
         let events = s.all().await;
         assert_eq!(finish_reason(&events), "length");
     }
-    assert_eq!(exit_code(&mut child), Some(0));
+    assert_eq!(exit_code(&mut served.child), Some(0));
 }
 
 #[tokio::test]
 async fn a_dead_engine_makes_the_process_exit_non_zero() {
-    let (mut child, base) = start();
-    ready(&base).await;
+    let mut served = start().await;
+    let base = served.base.clone();
     let resp = post(
         &base,
         &long_request(MODEL, 4, false),
@@ -130,6 +99,6 @@ async fn a_dead_engine_makes_the_process_exit_non_zero() {
     )
     .await;
     assert_eq!(resp.status().as_u16(), 503);
-    let code = exit_code(&mut child);
+    let code = exit_code(&mut served.child);
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
 }
