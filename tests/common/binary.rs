@@ -37,7 +37,7 @@ pub async fn start(args: &[&str], ready_within: Duration) -> Served {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("run mmserve");
-    let served = Served {
+    let mut served = Served {
         child,
         base: format!("http://127.0.0.1:{port}"),
     };
@@ -51,6 +51,9 @@ pub async fn start(args: &[&str], ready_within: Duration) -> Served {
             .is_ok_and(|r| r.status() == 200);
         if ok {
             return served;
+        }
+        if let Some(status) = served.child.try_wait().expect("wait") {
+            panic!("mmserve {args:?} exited before it was ready: {status}");
         }
         assert!(
             Instant::now() < deadline,
