@@ -1,5 +1,6 @@
 # mmserve container: build in the Rust image, run in slim Debian as non-root.
-# Models are mounted at /models: docker run -v /path/to/model:/models/model ...
+# With no model configured it serves the demo models compiled into the binary;
+# mount your own at /models: docker run -v /path/to/model:/models/model -e MMSERVE_MODEL=/models/model ...
 FROM rust:1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends pkg-config libturbojpeg0-dev \
@@ -8,6 +9,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
+COPY models/demo ./models/demo
 RUN cargo build --release --locked --bin mmserve
 
 FROM debian:bookworm-slim
@@ -18,7 +20,7 @@ RUN apt-get update \
 COPY --from=build /src/target/release/mmserve /usr/local/bin/mmserve
 COPY config/mmserve.toml /etc/mmserve/mmserve.toml
 USER mmserve
-ENV MMSERVE_HOST=0.0.0.0 MMSERVE_PORT=8000 MMSERVE_MODEL=/models/model MMSERVE_CONFIG=/etc/mmserve/mmserve.toml
+ENV MMSERVE_HOST=0.0.0.0 MMSERVE_PORT=8000 MMSERVE_CONFIG=/etc/mmserve/mmserve.toml
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD curl -sf http://127.0.0.1:8000/health || exit 1
 ENTRYPOINT ["mmserve", "serve"]
