@@ -48,7 +48,7 @@ import transformers  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+from bpe import train_bytelevel_bpe  # noqa: E402  (scripts/bpe.py)
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoProcessor,
@@ -382,20 +382,8 @@ def corpus():
 
 
 def build_tokenizer_object():
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok = train_bytelevel_bpe(corpus(), VOCAB_SIZE, SPECIAL_TOKENS)
     assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     return tok
 
 

@@ -1,15 +1,15 @@
 //! The command line: help text, and start-up errors that name what is wrong.
 
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Runs mmserve to completion; a run that would serve forever is killed after
 /// a minute and fails the test.
 fn mmserve(args: &[&str]) -> (bool, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmserve"))
+    let mut child = common::binary::command()
         .args(args)
-        .env_remove("MMSERVE_MODEL")
-        .env_remove("MMSERVE_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -8,8 +8,11 @@ its chat template writes `<s>` and the turn ends.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -21,6 +24,9 @@ from transformers import (
 )
 
 import scenes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bpe import train_bytelevel_bpe  # noqa: E402  (scripts/bpe.py)
 
 IMAGE_SIZE = 96  # the processor's output, pixels; patches of 12 -> an 8x8 grid of 64 image tokens
 PATCH = 12
@@ -52,20 +58,7 @@ CHAT_TEMPLATE = (
 
 
 def build_bpe() -> tokenizers.Tokenizer:
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(scenes.corpus(), trainer=trainer)
-    for i, t in enumerate(SPECIAL):
-        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
-    return tok
+    return train_bytelevel_bpe(scenes.corpus(), VOCAB_SIZE, SPECIAL)
 
 
 def chat_tokenizer(bpe: tokenizers.Tokenizer) -> PreTrainedTokenizerFast:

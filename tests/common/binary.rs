@@ -17,6 +17,20 @@ impl Drop for Served {
     }
 }
 
+/// `mmserve` with none of its MMSERVE_* settings taken from the test's environment.
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mmserve"));
+    for var in [
+        "MMSERVE_MODEL",
+        "MMSERVE_CONFIG",
+        "MMSERVE_HOST",
+        "MMSERVE_PORT",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
 /// A port nothing listens on right now (the kernel's pick, released at once).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -27,12 +41,10 @@ pub fn free_port() -> u16 {
 /// waits until `/health` answers 200 (models loaded), for at most `ready_within`.
 pub async fn start(args: &[&str], ready_within: Duration) -> Served {
     let port = free_port().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_mmserve"))
+    let child = command()
         .arg("serve")
         .args(args)
         .args(["--port", &port])
-        .env_remove("MMSERVE_MODEL")
-        .env_remove("MMSERVE_CONFIG")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
