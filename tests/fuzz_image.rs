@@ -16,8 +16,8 @@ use std::sync::OnceLock;
 use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
 use mmserve::config::Config;
 use mmserve::preprocess::{
-    decode_image, Idefics3ImageProcessor, ImageLimits, ImageProcessor, PreprocessError,
-    Qwen2VlImageProcessor,
+    decode_image, read_image_processor, Idefics3ImageProcessor, ImageLimits, ImageProcessor,
+    PreprocessError, Qwen2VlImageProcessor,
 };
 use proptest::prelude::*;
 
@@ -33,12 +33,22 @@ struct Processors {
 fn processors() -> &'static Processors {
     static P: OnceLock<Processors> = OnceLock::new();
     P.get_or_init(|| {
-        let file = |m: &str| common::model_dir(m).join("preprocessor_config.json");
+        let dir = |m: &str| common::model_dir(m);
         Processors {
-            clip: ImageProcessor::from_file(&file("llava-clip-llama")).unwrap(),
-            siglip: ImageProcessor::from_file(&file("llava-siglip-qwen2")).unwrap(),
-            qwen2vl: Qwen2VlImageProcessor::from_file(&file("qwen2-vl-tiny")).unwrap(),
-            idefics3: Idefics3ImageProcessor::from_file(&file("idefics3-tiny")).unwrap(),
+            clip: read_image_processor(&dir("llava-clip-llama"), ImageProcessor::from_json_str)
+                .unwrap(),
+            siglip: read_image_processor(&dir("llava-siglip-qwen2"), ImageProcessor::from_json_str)
+                .unwrap(),
+            qwen2vl: read_image_processor(
+                &dir("qwen2-vl-tiny"),
+                Qwen2VlImageProcessor::from_json_str,
+            )
+            .unwrap(),
+            idefics3: read_image_processor(
+                &dir("idefics3-tiny"),
+                Idefics3ImageProcessor::from_json_str,
+            )
+            .unwrap(),
             limits: Config::load(None).unwrap().limits.image(),
         }
     })
