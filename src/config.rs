@@ -280,6 +280,13 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        if self.engine.max_batched_tokens < self.engine.max_num_seqs {
+            // Else the newest running sequences would get no token while older ones run.
+            return Err(ConfigError::Invalid(format!(
+                "engine.max_batched_tokens ({}) must be at least engine.max_num_seqs ({})",
+                self.engine.max_batched_tokens, self.engine.max_num_seqs
+            )));
+        }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(ConfigError::Invalid(
                 "server.api_keys must not hold an empty key".into(),
@@ -375,6 +382,12 @@ mod tests {
         assert!(Config::load(Some(&f)).is_err(), "unknown keys are refused");
         std::fs::write(&f, "[engine]\nmax_num_seqs = 0\n").unwrap();
         assert!(Config::load(Some(&f)).is_err());
+        let starved = "[engine]\nmax_num_seqs = 8\nmax_batched_tokens = 7\n";
+        std::fs::write(&f, starved).unwrap();
+        assert!(
+            Config::load(Some(&f)).is_err(),
+            "a step must fit every decode"
+        );
     }
 
     #[test]

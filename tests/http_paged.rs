@@ -110,3 +110,18 @@ async fn a_preempted_stream_carries_on_unchanged() {
         assert!(after > before, "{model}: nothing was preempted: {s}");
     }
 }
+
+#[tokio::test]
+async fn the_context_is_limited_to_what_the_pool_holds() {
+    let base = &common::start(squeezed());
+    let (status, models) = common::get(base, "/v1/models").await;
+    assert_eq!(status, 200);
+    for m in models["data"].as_array().expect("models") {
+        assert_eq!(m["max_model_len"], POOL_TOKENS, "{m}");
+    }
+    let mut req = long_request(MODELS[0], POOL_TOKENS as u32, false);
+    req["max_tokens"] = POOL_TOKENS.into();
+    let (status, body) = chat(base, &req).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+}

@@ -224,3 +224,70 @@ impl Sequence {
         self.events.send(event).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    const IMG: u32 = 9;
+
+    /// A sequence with `prompt` whose image tokens have rows 0, 1, 2, ... (row `i` is all `i`),
+    /// and `generated` tokens after it.
+    fn seq(prompt: &[u32], generated: &[u32]) -> Sequence {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Sequence::new(
+            1,
+            EngineRequest {
+                prompt_ids: prompt.to_vec(),
+                images: vec![],
+                sampling: Default::default(),
+                max_tokens: 100,
+                stop: vec![],
+                events,
+                deadline: None,
+                hook: None,
+            },
+        );
+        let n = prompt.iter().filter(|&&t| t == IMG).count();
+        let rows: Vec<f32> = (0..n).flat_map(|i| [i as f32; 2]).collect();
+        s.image_rows = Tensor::from_vec(rows, (n, 2), &Device::Cpu).ok();
+        s.tokens.extend_from_slice(generated);
+        s
+    }
+
+    fn rows(chunk: (&[u32], Option<Tensor>)) -> (Vec<u32>, Vec<f32>) {
+        let ids = chunk.0.to_vec();
+        let rows = chunk.1.map_or(vec![], |t| {
+            t.narrow(1, 0, 1)
+                .and_then(|t| t.flatten_all()?.to_vec1())
+                .unwrap_or_default()
+        });
+        (ids, rows)
+    }
+
+    #[test]
+    fn a_chunk_may_split_an_image_and_takes_its_rows() {
+        let mut s = seq(&[1, IMG, IMG, IMG, 2, IMG, 3], &[]);
+        assert_eq!(rows(s.chunk(3, IMG)), (vec![1, IMG, IMG], vec![0., 1.]));
+        s.cached = 3;
+        assert_eq!(rows(s.chunk(3, IMG)), (vec![IMG, 2, IMG], vec![2., 3.]));
+        s.cached = 6;
+        assert_eq!(rows(s.chunk(3, IMG)), (vec![3], vec![]));
+        assert!(s.completes(1) && !s.completes(0));
+    }
+
+    #[test]
+    fn a_recomputed_chunk_stops_before_a_generated_image_token() {
+        // Preempted after generating [4, IMG, 5]: the generated image token was decoded as a
+        // plain token, so it must not take (or be counted against) the prompt's image rows.
+        let mut s = seq(&[1, IMG, 2], &[4, IMG, 5]);
+        assert_eq!(s.uncached(), 6);
+        assert_eq!(rows(s.chunk(6, IMG)), (vec![1, IMG, 2], vec![0.]));
+        s.cached = 3;
+        assert_eq!(rows(s.chunk(6, IMG)), (vec![4, IMG, 5], vec![]));
+        // Without a generated image token the chunk runs on past the prompt.
+        let s = seq(&[1, IMG, 2], &[4, 5]);
+        assert_eq!(rows(s.chunk(5, IMG)), (vec![1, IMG, 2, 4, 5], vec![0.]));
+    }
+}
