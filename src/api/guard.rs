@@ -1,6 +1,7 @@
 //! Checks every request passes before it reaches a handler: the count and
 //! total size of its headers (431 `headers_too_large`), and its API key when
-//! keys are configured (401 `invalid_api_key`; `/health` and `/metrics` stay open).
+//! keys are configured (401 `invalid_api_key`; `/health`, `/metrics` and the playground page
+//! stay open).
 
 use std::sync::Arc;
 
@@ -50,7 +51,8 @@ const OPEN_PATHS: [&str; 2] = ["/health", "/metrics"];
 /// with `Authorization: Bearer KEY` naming a configured key.
 pub async fn api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let keys = &state.server.api_keys;
-    if keys.is_empty() || OPEN_PATHS.contains(&req.uri().path()) {
+    let path = req.uri().path();
+    if keys.is_empty() || OPEN_PATHS.contains(&path) || super::playground::is_page(path) {
         return next.run(req).await;
     }
     let given = req

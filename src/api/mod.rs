@@ -9,6 +9,7 @@ mod guard;
 mod json;
 pub mod lifecycle;
 mod observe;
+mod playground;
 mod stream;
 
 use std::sync::{Arc, OnceLock};
@@ -191,6 +192,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(observe::render))
+        .merge(playground::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -238,6 +240,10 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
                 created: state.created,
                 owned_by: "mmserve",
                 max_model_len: m.served.get().map(Served::max_model_len),
+                kind: match m.kind {
+                    ModelKind::Chat => "chat",
+                    ModelKind::Embedding => "embedding",
+                },
             })
             .collect(),
     })

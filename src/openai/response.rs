@@ -108,4 +108,6 @@ pub struct ModelCard {
     /// vLLM's extension: the context length of the model, once it has loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<usize>,
+    /// mmserve's extension: `chat` or `embedding`, the endpoint that serves the model.
+    pub kind: &'static str,
 }
