@@ -9,10 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv-ci/bin/python ]; then
-  python3 -m venv .venv-ci
-  .venv-ci/bin/pip install -q "openai>=1.40"
-fi
+[ -x .venv-ci/bin/python ] || python3 -m venv .venv-ci
+.venv-ci/bin/python -c 'import openai' 2>/dev/null || .venv-ci/bin/pip install -q "openai>=1.40"
 cargo build --locked --bin mmserve
 bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
 port=${MMSERVE_SDK_PORT:-18437}
@@ -20,19 +18,7 @@ tmp=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 
-# serve PORT ARGS...: starts mmserve and waits until /health answers 200.
-serve() {
-  local p=$1
-  shift
-  "$bin" serve "$@" --port "$p" >"$tmp/$p.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 1 120); do
-    if curl -sf "http://127.0.0.1:$p/health" >/dev/null; then return; fi
-    if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$tmp/$p.log"; exit 1; fi
-    sleep 0.5
-  done
-  echo "mmserve on port $p never became healthy"; cat "$tmp/$p.log"; exit 1
-}
+source scripts/serve-lib.sh
 
 chat=(llava-clip-llama qwen2-vl-tiny idefics3-tiny)
 embed=clip-tiny
