@@ -7,16 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=.venv-ci
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -c 'import playwright' 2>/dev/null || "$venv/bin/pip" install -q "playwright==1.65.2"
-cargo build --locked --bin mmserve
-bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
-port=${MMSERVE_PLAYGROUND_PORT:-18447}
-tmp=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 source scripts/serve-lib.sh
+venv_with playwright "playwright==1.65.2"
+port=${MMSERVE_PLAYGROUND_PORT:-18447}
 
 serve "$port"
-timeout 180 "$venv/bin/python" tests/browser/playground_check.py "http://127.0.0.1:$port" models/demo/examples "$@"
+timeout 180 .venv-ci/bin/python tests/browser/playground_check.py "http://127.0.0.1:$port" models/demo/examples "$@"

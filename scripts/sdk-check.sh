@@ -9,16 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -x .venv-ci/bin/python ] || python3 -m venv .venv-ci
-.venv-ci/bin/python -c 'import openai' 2>/dev/null || .venv-ci/bin/pip install -q "openai>=1.40"
-cargo build --locked --bin mmserve
-bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
-port=${MMSERVE_SDK_PORT:-18437}
-tmp=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-
 source scripts/serve-lib.sh
+venv_with openai "openai>=1.40"
+port=${MMSERVE_SDK_PORT:-18437}
 
 chat=(llava-clip-llama qwen2-vl-tiny idefics3-tiny)
 embed=clip-tiny

@@ -1,5 +1,17 @@
-# Sourced by the CI scripts that run mmserve as a child. Needs $bin (the binary), $tmp (a folder
-# for logs) and the array pids (the children, for the caller's exit trap).
+# Sourced by the CI scripts that run mmserve as a child, from the repository root: builds the
+# binary ($bin), makes a folder for logs ($tmp) and kills the children (pids) on exit.
+cargo build --locked --bin mmserve
+bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
+tmp=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+
+# venv_with MODULE PIP_SPEC: makes .venv-ci if needed and installs PIP_SPEC there unless MODULE
+# imports already.
+venv_with() {
+  [ -x .venv-ci/bin/python ] || python3 -m venv .venv-ci
+  .venv-ci/bin/python -c "import $1" 2>/dev/null || .venv-ci/bin/pip install -q "$2"
+}
 
 # serve PORT ARGS...: starts mmserve and waits until /health answers 200.
 serve() {
