@@ -185,7 +185,7 @@ fn image_rows() -> Vec<Row> {
 
 /// A wrong JSON type for every request field, and where the error points.
 fn type_rows() -> Vec<Row> {
-    let fields: [(&str, Value, &str); 18] = [
+    let fields: [(&str, Value, &str); 20] = [
         ("model", json!(3), "model"),
         ("messages", json!("hi"), "messages"),
         ("max_tokens", json!("2"), "max_tokens"),
@@ -197,6 +197,8 @@ fn type_rows() -> Vec<Row> {
         ("temperature", json!("hot"), "temperature"),
         ("top_p", json!([1]), "top_p"),
         ("top_k", json!(1.5), "top_k"),
+        ("min_tokens", json!(1.5), "min_tokens"),
+        ("ignore_eos", json!("yes"), "ignore_eos"),
         ("seed", json!("s"), "seed"),
         ("stop", json!(3), "stop"),
         ("n", json!("2"), "n"),
@@ -273,7 +275,7 @@ fn type_rows() -> Vec<Row> {
 }
 
 fn number_rows() -> Vec<Row> {
-    let cases: [(&str, Value, &str); 14] = [
+    let cases: [(&str, Value, &str); 16] = [
         ("max_tokens", json!(-1), "invalid_request"),
         ("max_tokens", json!(1e12), "invalid_request"),
         ("max_tokens", json!(1_000_000), "context_length_exceeded"),
@@ -285,6 +287,8 @@ fn number_rows() -> Vec<Row> {
         ("temperature", json!(1e300), "invalid_value"),
         ("top_p", json!(0), "invalid_value"),
         ("top_k", json!(-5), "invalid_value"),
+        ("min_tokens", json!(-1), "invalid_value"),
+        ("min_tokens", json!(1_000_000), "invalid_value"),
         (
             "seed",
             json!(9_223_372_036_854_775_808u64),

@@ -1,5 +1,6 @@
 //! The chat API through real HTTP against tiny fixture models: reference
-//! outputs, JSON versus SSE, concurrency, and each sampling parameter.
+//! outputs, JSON versus SSE, concurrency, each sampling parameter, and vLLM's
+//! `ignore_eos` / `min_tokens` extensions.
 
 mod common;
 
@@ -142,6 +143,105 @@ async fn stop_strings_end_the_text_and_never_leak() {
             content(&body)
         };
         assert_eq!(text, prefix, "stream={stream}");
+    }
+}
+
+/// A text case whose greedy output ends with EOS, and the tokens up to it.
+fn eos_case() -> (&'static str, Value, usize) {
+    let model = "llava-siglip-qwen2";
+    let case = common::cases(model)
+        .into_iter()
+        .find(|c| c["name"] == "text_system")
+        .expect("the text_system case");
+    let (_, n, reason) = expected_text(model, &case);
+    assert_eq!(reason, "stop", "the reference case stops at EOS");
+    (model, common::messages(&case), n)
+}
+
+#[tokio::test]
+async fn ignore_eos_generates_exactly_max_tokens() {
+    let (model, msgs, n) = eos_case();
+    let base = common::server(model);
+    let (_, stopped) = chat(base, &greedy(model, msgs.clone(), 30)).await;
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    assert_eq!(stopped["usage"]["completion_tokens"], n);
+    for stream in [false, true] {
+        let mut req = greedy(model, msgs.clone(), 30);
+        req["ignore_eos"] = json!(true);
+        req["stream"] = json!(stream);
+        req["stream_options"] = json!({"include_usage": true});
+        let (text, reason, usage) = if stream {
+            let events = chat_stream(base, &req).await;
+            let last = &events[events.len() - 3]["choices"][0]["finish_reason"];
+            let usage = events[events.len() - 2]["usage"].clone();
+            (streamed_text(&events, 0), last.clone(), usage)
+        } else {
+            let (status, body) = chat(base, &req).await;
+            assert_eq!(status, 200, "{body}");
+            let reason = body["choices"][0]["finish_reason"].clone();
+            (content(&body), reason, body["usage"].clone())
+        };
+        assert_eq!(reason, "length", "stream={stream}");
+        assert_eq!(usage["completion_tokens"], 30, "stream={stream}");
+        assert!(text.starts_with(&content(&stopped)), "stream={stream}");
+    }
+}
+
+#[tokio::test]
+async fn min_tokens_masks_eos_until_reached() {
+    let (model, msgs, n) = eos_case();
+    let base = common::server(model);
+    // EOS is the n-th token: allowed once n - 1 tokens are out, masked before.
+    let mut req = greedy(model, msgs, 30);
+    req["min_tokens"] = json!(n - 1);
+    let (_, body) = chat(base, &req).await;
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["completion_tokens"], n);
+    req["min_tokens"] = json!(n);
+    let (_, body) = chat(base, &req).await;
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens > n as u64, "{body}");
+}
+
+#[tokio::test]
+async fn min_tokens_ignores_stop_strings_inside_the_first_tokens() {
+    let model = "llava-clip-llama";
+    let base = common::server(model);
+    let msgs = common::messages(&text_case(model));
+    let full = content(&chat(base, &greedy(model, msgs.clone(), 20)).await.1);
+    let chars: Vec<char> = full.chars().collect();
+    // A stop string that occurs once in the output, spanning token boundaries.
+    let stop = (0..chars.len() - 3)
+        .map(|i| chars[i..i + 3].iter().collect::<String>())
+        .find(|s| full.find(s.as_str()) == full.rfind(s.as_str()) && !s.contains('\u{fffd}'))
+        .expect("a 3-character string that occurs once");
+    let mut req = greedy(model, msgs, 20);
+    req["stop"] = json!([stop]);
+    let (_, cut) = chat(base, &req).await;
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    // The stop completes with the k-th token: checked from min_tokens + 1 on.
+    let k = cut["usage"]["completion_tokens"].as_u64().unwrap();
+    req["min_tokens"] = json!(k - 1);
+    let (_, body) = chat(base, &req).await;
+    assert_eq!(
+        content(&body),
+        content(&cut),
+        "stop {stop:?} ends in token {k}"
+    );
+    for stream in [false, true] {
+        req["min_tokens"] = json!(k);
+        req["stream"] = json!(stream);
+        let text = if stream {
+            streamed_text(&chat_stream(base, &req).await, 0)
+        } else {
+            let (_, body) = chat(base, &req).await;
+            assert_eq!(body["choices"][0]["finish_reason"], "length");
+            content(&body)
+        };
+        assert_eq!(
+            text, full,
+            "stream={stream}: stop {stop:?} inside the first {k} tokens"
+        );
     }
 }
 

@@ -1,7 +1,7 @@
 //! Runtime robustness through real HTTP: the bounded queue (429 with
 //! `Retry-After`), deadlines, cancellation of clients that go away, and fault
 //! isolation (a failing request fails alone; a dead engine turns `/health` 503).
-//! Long requests use the `ignore-eos` test hook so they run to `max_tokens`.
+//! Long requests set `ignore_eos` so they run to `max_tokens`.
 
 mod common;
 
@@ -34,12 +34,7 @@ async fn error_of(resp: reqwest::Response, status: u16, code: &str) -> reqwest::
 #[tokio::test]
 async fn a_full_queue_is_429_and_clients_that_leave_free_their_places() {
     let base = common::start(hooked(1, 1));
-    let mut running = OpenStream::open(
-        &base,
-        &long_request(MODEL, 4000, true),
-        &[(HOOK, "ignore-eos")],
-    )
-    .await;
+    let mut running = OpenStream::open(&base, &long_request(MODEL, 4000, true), &[]).await;
     running.until_text().await;
     let waiting = OpenStream::open(&base, &long_request(MODEL, 8, true), &[]).await;
     let s = stats(&base, MODEL).await;
@@ -66,14 +61,8 @@ async fn a_full_queue_is_429_and_clients_that_leave_free_their_places() {
 async fn a_non_streaming_client_that_leaves_is_cancelled() {
     let base = common::start(hooked(16, 16));
     let url = base.clone();
-    let request = tokio::spawn(async move {
-        post(
-            &url,
-            &long_request(MODEL, 4000, false),
-            &[(HOOK, "ignore-eos")],
-        )
-        .await
-    });
+    let request =
+        tokio::spawn(async move { post(&url, &long_request(MODEL, 4000, false), &[]).await });
     wait_for_stats(&base, MODEL, |s| s["running"] == 1).await;
     request.abort();
     let s = wait_for_stats(&base, MODEL, |s| idle(s) && s["cancelled"] == 1).await;
@@ -84,12 +73,7 @@ async fn a_non_streaming_client_that_leaves_is_cancelled() {
 async fn deadlines_end_requests_with_a_clear_answer() {
     let base = common::start(hooked(1, 4));
     // Still waiting at its deadline: 503 queue_timeout.
-    let mut running = OpenStream::open(
-        &base,
-        &long_request(MODEL, 4000, true),
-        &[(HOOK, "ignore-eos")],
-    )
-    .await;
+    let mut running = OpenStream::open(&base, &long_request(MODEL, 4000, true), &[]).await;
     running.until_text().await;
     let resp = post(
         &base,
@@ -106,7 +90,7 @@ async fn deadlines_end_requests_with_a_clear_answer() {
     let resp = post(
         &base,
         &long_request(MODEL, 4000, false),
-        &[(HOOK, "ignore-eos"), ("x-request-timeout", "0.5")],
+        &[("x-request-timeout", "0.5")],
     )
     .await;
     assert_eq!(resp.status().as_u16(), 200);
@@ -127,7 +111,7 @@ async fn deadlines_end_requests_with_a_clear_answer() {
 
 fn story(prompt: &str, stream: bool) -> Value {
     json!({"model": MODEL, "max_tokens": 1500, "temperature": 0, "stream": stream,
-           "messages": [{"role": "user", "content": prompt}]})
+           "ignore_eos": true, "messages": [{"role": "user", "content": prompt}]})
 }
 
 #[tokio::test]
@@ -136,13 +120,13 @@ async fn a_failing_request_fails_alone_and_the_engine_keeps_serving() {
     let prompts = ["tell me a story", "hello", "x"];
     let mut alone = Vec::new();
     for p in prompts {
-        let resp = post(&base, &story(p, false), &[(HOOK, "ignore-eos")]).await;
+        let resp = post(&base, &story(p, false), &[]).await;
         let body: Value = resp.json().await.unwrap();
         alone.push(common::content(&body));
     }
     let mut streams = Vec::new();
     for p in prompts {
-        let mut s = OpenStream::open(&base, &story(p, true), &[(HOOK, "ignore-eos")]).await;
+        let mut s = OpenStream::open(&base, &story(p, true), &[]).await;
         s.until_text().await;
         streams.push(s);
     }

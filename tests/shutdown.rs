@@ -60,7 +60,7 @@ async fn sigterm_drains_ten_streams_then_exits_0() {
     let mut streams = Vec::new();
     for _ in 0..10 {
         let body = long_request(MODEL, 1500, true);
-        let mut s = OpenStream::open(&base, &body, &[(HOOK, "ignore-eos")]).await;
+        let mut s = OpenStream::open(&base, &body, &[]).await;
         s.until_text().await;
         streams.push(s);
     }

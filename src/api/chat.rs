@@ -150,6 +150,8 @@ fn submit(
             images: valid.images.clone(),
             sampling: sampling.clone(),
             max_tokens: valid.max_tokens,
+            min_tokens: valid.min_tokens,
+            ignore_eos: valid.ignore_eos,
             stop: valid.stop.clone(),
             events: tx,
             deadline: opts.deadline,

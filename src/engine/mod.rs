@@ -31,6 +31,12 @@ pub struct EngineRequest {
     pub images: Vec<ImageInput>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
+    /// Tokens to generate before EOS or a stop string may end the sequence
+    /// (vLLM's `min_tokens`): EOS ids are masked out of sampling until then,
+    /// and stop strings only match where they end in later text.
+    pub min_tokens: usize,
+    /// Generate past EOS, to `max_tokens` (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
     pub stop: Vec<String>,
     /// Where this request's events go; dropping the receiver cancels it.
     pub events: tokio_mpsc::UnboundedSender<Event>,
@@ -45,8 +51,6 @@ pub struct EngineRequest {
 /// honoured only when `[debug] test_hooks` is on (never by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestHook {
-    /// Generate until `max_tokens` even past an end-of-sequence token.
-    IgnoreEos,
     /// Make every batched forward that includes this request fail.
     FailForward,
     /// Make every batched forward that includes this request panic.
@@ -60,7 +64,6 @@ pub enum TestHook {
 impl TestHook {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
-            "ignore-eos" => TestHook::IgnoreEos,
             "fail-forward" => TestHook::FailForward,
             "panic-forward" => TestHook::PanicForward,
             "panic-validation" => TestHook::PanicValidation,

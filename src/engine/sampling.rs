@@ -118,11 +118,13 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (vocab,), given the tokens generated so far (the
-    /// prompt is not counted by the penalties).
+    /// prompt is not counted by the penalties), never one of `banned` (vLLM's `min_tokens`
+    /// masks the EOS ids this way; the logprobs still describe the raw logits).
     pub fn sample(
         &mut self,
         logits: &[f32],
         output_tokens: &[u32],
+        banned: &[u32],
     ) -> Result<Sampled, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
@@ -130,6 +132,11 @@ impl Sampler {
         self.scores.clear();
         self.scores.extend(logits.iter().map(|&x| sanitize(x)));
         self.apply_penalties(output_tokens);
+        for &id in banned {
+            if let Some(score) = self.scores.get_mut(id as usize) {
+                *score = f32::NEG_INFINITY;
+            }
+        }
         let token = if self.params.temperature < GREEDY_TEMPERATURE {
             argmax(&self.scores).ok_or(SamplingError::NoFiniteLogit)?
         } else {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
 use super::{EngineError, EngineRequest, Event, FinishReason, TestHook, TokenLogprobs};
-use crate::text::{IncrementalDetokenizer, StopMatcher, TokenTable};
+use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome, TokenTable};
 
 pub struct Sequence {
     /// Key of this sequence's KV cache entry.
@@ -38,6 +38,10 @@ pub struct Sequence {
     /// preempted sequence's queue time counts once.
     pub submitted: Option<Instant>,
     max_tokens: usize,
+    /// Tokens generated before EOS or a stop string may end the sequence.
+    min_tokens: usize,
+    /// Whether EOS is just another token.
+    ignore_eos: bool,
     logprobs: bool,
     sampler: Sampler,
     detok: IncrementalDetokenizer,
@@ -74,6 +78,8 @@ impl Sequence {
             hook: req.hook,
             submitted: Some(Instant::now()),
             max_tokens: req.max_tokens,
+            min_tokens: req.min_tokens,
+            ignore_eos: req.ignore_eos,
             logprobs: req.sampling.logprobs,
             sampler: Sampler::new(&req.sampling),
             detok: IncrementalDetokenizer::new(true),
@@ -152,20 +158,29 @@ impl Sequence {
     /// Samples from this sequence's last-token logits, streams the text out and
     /// says whether the sequence goes on.
     pub fn advance(&mut self, logits: &[f32], eos: &[u32], text: &TextTools<'_>) -> Progress {
-        let sampled = match self.sampler.sample(logits, &self.tokens[self.prompt_len..]) {
+        // Before `min_tokens`, EOS cannot be drawn (vLLM masks it the same way).
+        let banned = if self.output().len() < self.min_tokens {
+            eos
+        } else {
+            &[]
+        };
+        let sampled = match self
+            .sampler
+            .sample(logits, &self.tokens[self.prompt_len..], banned)
+        {
             Ok(s) => s,
             Err(e) => return self.fail(EngineError::Model(format!("sampling failed: {e}"))),
         };
         let tok = text.tokenizer;
         self.tokens.push(sampled.token);
-        if eos.contains(&sampled.token) && self.hook != Some(TestHook::IgnoreEos) {
+        if eos.contains(&sampled.token) && !self.ignore_eos {
             return self.finish(FinishReason::Stop, true, tok);
         }
         let piece = match self.detok.push(tok, text.table, sampled.token) {
             Ok(piece) => piece,
             Err(e) => return self.fail(EngineError::Detokenize(e.to_string())),
         };
-        let outcome = self.stop.push(&piece);
+        let outcome = self.stop_check(&piece);
         let logprobs = self.logprobs.then_some(TokenLogprobs {
             token: sampled.token,
             logprob: sampled.logprob,
@@ -194,7 +209,7 @@ impl Sequence {
                 Ok(t) => t,
                 Err(e) => return self.fail(EngineError::Detokenize(e.to_string())),
             };
-            let outcome = self.stop.push(&tail);
+            let outcome = self.stop_check(&tail);
             let mut text = outcome.emit;
             if !outcome.stopped {
                 text.push_str(&self.stop.flush());
@@ -212,6 +227,16 @@ impl Sequence {
             completion_tokens: self.output().len(),
         });
         Progress::Finished
+    }
+
+    /// Pushes new text through the stop matcher; text of the first `min_tokens`
+    /// tokens holds no stop of its own (vLLM's rule).
+    fn stop_check(&mut self, text: &str) -> StopOutcome {
+        if self.output().len() > self.min_tokens {
+            self.stop.push(text)
+        } else {
+            self.stop.push_unchecked(text)
+        }
     }
 
     /// Reports an error to the client; the sequence is over.
@@ -243,6 +268,8 @@ mod tests {
                 images: vec![],
                 sampling: Default::default(),
                 max_tokens: 100,
+                min_tokens: 0,
+                ignore_eos: false,
                 stop: vec![],
                 events,
                 deadline: None,

@@ -24,6 +24,14 @@ pub struct ChatCompletionRequest {
     pub top_k: Option<i64>,
     #[serde(default)]
     pub seed: Option<i64>,
+    /// Not in OpenAI's API; vLLM's extension: keep generating past the
+    /// end-of-sequence token, to `max_tokens`.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+    /// Not in OpenAI's API; vLLM's extension: tokens to generate before an
+    /// end-of-sequence token or a stop string may end the sequence.
+    #[serde(default)]
+    pub min_tokens: Option<i64>,
     #[serde(default)]
     pub stop: Option<StopSequences>,
     #[serde(default)]

@@ -6,6 +6,10 @@
 //! A stop is detected on the push that completes it; when several stops are complete by then,
 //! the text is cut at the earliest match. (So with stops `abcd` and `c`, pushing `abc` stops
 //! at `c`; pushing `abcd` at once cuts before `abcd`. vLLM behaves the same per token.)
+//!
+//! Text pushed with [`StopMatcher::push_unchecked`] (vLLM's `min_tokens`: the first tokens are
+//! never checked) holds no match of its own: a stop matches only where it ends in text pushed
+//! later, as vLLM checks only stops that include some of the new text.
 
 /// The result of one [`StopMatcher::push`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -25,6 +29,9 @@ pub struct StopMatcher {
     pending: String,
     /// Index into `stops` of the stop that matched, once one has.
     matched: Option<usize>,
+    /// Bytes at the start of `pending` that came from unchecked pushes: a match must end
+    /// after them.
+    floor: usize,
 }
 
 impl StopMatcher {
@@ -61,12 +68,31 @@ impl StopMatcher {
                 stopped: true,
             };
         }
-        let keep = self.held_suffix_len();
-        let emit = self.pending.drain(..self.pending.len() - keep).collect();
         StopOutcome {
-            emit,
+            emit: self.release(),
             stopped: false,
         }
+    }
+
+    /// Adds text that no stop may match inside; a stop may still begin in it and end in text
+    /// pushed later, so a possible stop prefix at its end is held back as usual.
+    pub fn push_unchecked(&mut self, text: &str) -> StopOutcome {
+        if self.matched.is_some() || self.stops.is_empty() {
+            return self.push(text);
+        }
+        self.pending.push_str(text);
+        self.floor = self.pending.len();
+        StopOutcome {
+            emit: self.release(),
+            stopped: false,
+        }
+    }
+
+    /// Emits `pending` but for the longest suffix that could still grow into a stop.
+    fn release(&mut self) -> String {
+        let cut = self.pending.len() - self.held_suffix_len();
+        self.floor = self.floor.saturating_sub(cut);
+        self.pending.drain(..cut).collect()
     }
 
     /// At the end of generation (no stop matched): the held-back text, which turned out not to
@@ -85,12 +111,19 @@ impl StopMatcher {
         self.matched.map(|i| self.stops[i].as_str())
     }
 
-    /// Byte offset and stop index of the earliest complete stop in `pending`.
+    /// Byte offset and stop index of the earliest complete stop in `pending` that ends after
+    /// `floor`.
     fn earliest_match(&self) -> Option<(usize, usize)> {
+        let text = self.pending.as_str();
         self.stops
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| self.pending.find(s.as_str()).map(|at| (at, i)))
+            .filter_map(|(i, s)| {
+                // A match starting before `from` would end within the floor.
+                let from = self.floor.saturating_sub(s.len() - 1);
+                let from = (from..=text.len()).find(|&b| text.is_char_boundary(b))?;
+                text[from..].find(s.as_str()).map(|at| (from + at, i))
+            })
             .min()
     }
 
@@ -236,6 +269,26 @@ mod tests {
                 stopped: true
             }
         );
+    }
+
+    #[test]
+    fn unchecked_text_holds_no_stop_but_may_start_one() {
+        let mut m = StopMatcher::new(vec!["ab".into(), "é".into()]);
+        assert_eq!(m.push_unchecked("xab éa").emit, "xab é");
+        let o = m.push("b");
+        assert_eq!((o.emit.as_str(), o.stopped), ("", true));
+        assert_eq!(m.matched_stop(), Some("ab"));
+
+        let mut m = StopMatcher::new(vec!["aa".into()]);
+        assert_eq!(m.push_unchecked("aa").emit, "a");
+        let o = m.push("a");
+        // The overlapping `aa` that ends in the new text matches: "a" in all, as vLLM.
+        assert_eq!((o.emit.as_str(), o.stopped), ("", true));
+
+        let mut m = StopMatcher::new(vec!["e".into()]);
+        assert_eq!(m.push_unchecked(" Lee").emit, " Lee");
+        assert_eq!(m.push("ent").emit, "");
+        assert!(m.is_stopped());
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub struct ValidChatRequest {
     /// Sampling per choice (they differ only by seed).
     pub choices: Vec<SamplingParams>,
     pub max_tokens: usize,
+    /// Tokens generated before EOS or a stop string may end a choice.
+    pub min_tokens: usize,
+    /// Generate past EOS, to `max_tokens`.
+    pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -114,6 +118,7 @@ impl Validator {
             self.max_context,
             self.limits.default_max_tokens,
         )?;
+        let min_tokens = params::min_tokens(req, max_tokens)?;
         let choices = params::seeds(req.seed, n)
             .into_iter()
             .map(|seed| SamplingParams {
@@ -126,6 +131,8 @@ impl Validator {
             images: conv.images.into_iter().map(|p| p.input).collect(),
             choices,
             max_tokens,
+            min_tokens,
+            ignore_eos: req.ignore_eos.unwrap_or(false),
             stop,
             stream: req.stream.unwrap_or(false),
             include_usage: req

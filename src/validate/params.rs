@@ -158,6 +158,21 @@ pub fn max_tokens(
     Ok(wanted)
 }
 
+/// vLLM's `min_tokens`: at least 0 and at most the completion length.
+pub fn min_tokens(
+    req: &ChatCompletionRequest,
+    max_tokens: usize,
+) -> Result<usize, ValidationError> {
+    match req.min_tokens {
+        None => Ok(0),
+        Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => Ok(m as usize),
+        Some(m) => Err(ValidationError::invalid(
+            "min_tokens",
+            format!("`min_tokens` must be between 0 and max_tokens ({max_tokens}), got {m}"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +260,17 @@ mod tests {
         // The newer name wins.
         let r = req(serde_json::json!({"max_tokens": 10, "max_completion_tokens": 3}));
         assert_eq!(max_tokens(&r, 5, 100, 16).unwrap(), 3);
+    }
+
+    #[test]
+    fn min_tokens_lies_between_zero_and_max_tokens() {
+        assert_eq!(min_tokens(&req(serde_json::json!({})), 16).unwrap(), 0);
+        let r = req(serde_json::json!({"min_tokens": 16}));
+        assert_eq!(min_tokens(&r, 16).unwrap(), 16);
+        for bad in [-1, 17] {
+            let e = min_tokens(&req(serde_json::json!({ "min_tokens": bad })), 16).unwrap_err();
+            assert_eq!(param_of(e).as_deref(), Some("min_tokens"));
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 /// The test-hook header (honoured with `[debug] test_hooks = true`).
 pub const HOOK: &str = "x-mmserve-test-hook";
 
-/// A long text-only request: `ignore-eos` keeps it generating to `max_tokens`.
+/// A long text-only request: `ignore_eos` keeps it generating to `max_tokens`.
 pub fn long_request(model: &str, max_tokens: u32, stream: bool) -> Value {
     json!({"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+           "ignore_eos": true,
            "messages": [{"role": "user", "content": "tell me a story"}]})
 }
 

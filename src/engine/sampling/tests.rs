@@ -17,17 +17,20 @@ fn random_logits(rng: &mut StdRng, n: usize) -> Vec<f32> {
 fn draws(p: &SamplingParams, logits: &[f32], count: usize) -> Vec<u32> {
     let mut sampler = Sampler::new(p);
     (0..count)
-        .map(|_| sampler.sample(logits, &[]).unwrap().token)
+        .map(|_| sampler.sample(logits, &[], &[]).unwrap().token)
         .collect()
 }
 
 #[test]
 fn greedy_picks_argmax_lowest_id_and_uses_no_randomness() {
     let mut s = Sampler::new(&params(0.0));
-    assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0], &[]).unwrap().token, 1);
-    assert_eq!(s.sample(&[f32::NAN, -1.0, -3.0], &[]).unwrap().token, 1);
+    assert_eq!(s.sample(&[0.1, 2.0, -1.0, 2.0], &[], &[]).unwrap().token, 1);
     assert_eq!(
-        s.sample(&[1.0, f32::INFINITY, f32::NAN], &[])
+        s.sample(&[f32::NAN, -1.0, -3.0], &[], &[]).unwrap().token,
+        1
+    );
+    assert_eq!(
+        s.sample(&[1.0, f32::INFINITY, f32::NAN], &[], &[])
             .unwrap()
             .token,
         1
@@ -39,11 +42,11 @@ fn greedy_picks_argmax_lowest_id_and_uses_no_randomness() {
 #[test]
 fn errors_instead_of_panics() {
     let mut s = Sampler::new(&params(1.0));
-    assert_eq!(s.sample(&[], &[]), Err(SamplingError::EmptyLogits));
+    assert_eq!(s.sample(&[], &[], &[]), Err(SamplingError::EmptyLogits));
     let bad = [f32::NAN, f32::NEG_INFINITY];
-    assert_eq!(s.sample(&bad, &[]), Err(SamplingError::NoFiniteLogit));
+    assert_eq!(s.sample(&bad, &[], &[]), Err(SamplingError::NoFiniteLogit));
     let mut g = Sampler::new(&params(0.0));
-    assert_eq!(g.sample(&bad, &[]), Err(SamplingError::NoFiniteLogit));
+    assert_eq!(g.sample(&bad, &[], &[]), Err(SamplingError::NoFiniteLogit));
     // -inf and NaN tokens are never drawn; +inf wins.
     for t in draws(&params(1.0), &[f32::NEG_INFINITY, 0.0, f32::NAN, 0.0], 200) {
         assert!(t == 1 || t == 3);
@@ -114,20 +117,23 @@ fn penalties_follow_the_openai_formula() {
         ..params(0.0)
     };
     let mut s = Sampler::new(&freq);
-    assert_eq!(s.sample(&logits, &[1]).unwrap().token, 1); // 1.25 > 1.0
-    assert_eq!(s.sample(&logits, &[1, 1]).unwrap().token, 0); // 1.0 ties 1.0: lowest id
+    assert_eq!(s.sample(&logits, &[1], &[]).unwrap().token, 1); // 1.25 > 1.0
+    assert_eq!(s.sample(&logits, &[1, 1], &[]).unwrap().token, 0); // 1.0 ties 1.0: lowest id
     let pres = SamplingParams {
         presence_penalty: 0.6,
         ..params(0.0)
     };
     let mut s = Sampler::new(&pres);
-    assert_eq!(s.sample(&logits, &[2, 2, 2]).unwrap().token, 1);
-    assert_eq!(s.sample(&logits, &[1]).unwrap().token, 0); // 0.9 < 1.0
+    assert_eq!(s.sample(&logits, &[2, 2, 2], &[]).unwrap().token, 1);
+    assert_eq!(s.sample(&logits, &[1], &[]).unwrap().token, 0); // 0.9 < 1.0
     let neg = SamplingParams {
         presence_penalty: -2.0,
         ..params(0.0)
     };
-    assert_eq!(Sampler::new(&neg).sample(&logits, &[2]).unwrap().token, 2);
+    assert_eq!(
+        Sampler::new(&neg).sample(&logits, &[2], &[]).unwrap().token,
+        2
+    );
 }
 
 /// Empirical frequencies over 20000 draws against the expected probabilities: 5 standard
@@ -220,7 +226,7 @@ fn sampling_speed() {
         let mut s = Sampler::new(&p);
         let start = std::time::Instant::now();
         for _ in 0..50 {
-            s.sample(&logits, &output).unwrap();
+            s.sample(&logits, &output, &[]).unwrap();
         }
         println!("{name}: {:?} per token", start.elapsed() / 50);
     }
@@ -240,7 +246,7 @@ fn logprobs_are_raw_log_softmax() {
         top_logprobs: 3000,
         ..params(1.0)
     };
-    let out = Sampler::new(&p).sample(&logits, &[1, 2, 3]).unwrap();
+    let out = Sampler::new(&p).sample(&logits, &[1, 2, 3], &[]).unwrap();
     let sum: f64 = out
         .top_logprobs
         .iter()
@@ -259,10 +265,35 @@ fn logprobs_are_raw_log_softmax() {
         ..p
     };
     let out = Sampler::new(&few)
-        .sample(&[0.0, 2.0, 1.0, 2.0], &[])
+        .sample(&[0.0, 2.0, 1.0, 2.0], &[], &[])
         .unwrap();
     let ids: Vec<u32> = out.top_logprobs.iter().map(|t| t.0).collect();
     assert_eq!(ids, vec![1, 3]);
-    let off = Sampler::new(&params(1.0)).sample(&[0.0, 1.0], &[]).unwrap();
+    let off = Sampler::new(&params(1.0))
+        .sample(&[0.0, 1.0], &[], &[])
+        .unwrap();
     assert!(off.top_logprobs.is_empty() && off.logprob == 0.0);
+}
+
+#[test]
+fn banned_tokens_are_never_drawn_but_keep_their_raw_logprob() {
+    let logits = [0.0, 5.0, 4.9, -1.0];
+    let greedy = SamplingParams {
+        logprobs: true,
+        top_logprobs: 1,
+        ..params(0.0)
+    };
+    let out = Sampler::new(&greedy).sample(&logits, &[], &[1]).unwrap();
+    assert_eq!(out.token, 2);
+    assert_eq!(
+        out.top_logprobs[0].0, 1,
+        "the banned token is still the most likely"
+    );
+    let mut s = Sampler::new(&params(1.0));
+    for _ in 0..200 {
+        let t = s.sample(&logits, &[], &[1, 2]).unwrap().token;
+        assert!(t == 0 || t == 3, "{t}");
+    }
+    let all = Sampler::new(&params(1.0)).sample(&[1.0], &[], &[0]);
+    assert_eq!(all, Err(SamplingError::NoFiniteLogit));
 }
