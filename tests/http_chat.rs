@@ -120,12 +120,28 @@ async fn max_tokens_and_max_completion_tokens_cut_with_length() {
     assert_eq!(body["usage"]["completion_tokens"], 2);
 }
 
-#[tokio::test]
-async fn stop_strings_end_the_text_and_never_leak() {
+/// The text case of `llava-clip-llama`: (model, server, messages, its 20 greedy tokens' text).
+async fn greedy_text() -> (&'static str, &'static str, Value, String) {
     let model = "llava-clip-llama";
     let base = common::server(model);
     let msgs = common::messages(&text_case(model));
     let full = content(&chat(base, &greedy(model, msgs.clone(), 20)).await.1);
+    (model, base, msgs, full)
+}
+
+/// Choice 0's text, streamed or not as `req` asks; unstreamed, its finish reason must be `reason`.
+async fn text_of(base: &str, req: &Value, reason: &str) -> String {
+    if req["stream"] == json!(true) {
+        return streamed_text(&chat_stream(base, req).await, 0);
+    }
+    let (_, body) = chat(base, req).await;
+    assert_eq!(body["choices"][0]["finish_reason"], reason, "{body}");
+    content(&body)
+}
+
+#[tokio::test]
+async fn stop_strings_end_the_text_and_never_leak() {
+    let (model, base, msgs, full) = greedy_text().await;
     let chars: Vec<char> = full.chars().collect();
     assert!(chars.len() > 6, "reference text too short: {full:?}");
     // A stop string from the middle of the output, spanning token boundaries.
@@ -135,13 +151,7 @@ async fn stop_strings_end_the_text_and_never_leak() {
         let mut req = greedy(model, msgs.clone(), 20);
         req["stop"] = json!([stop, "never-in-output"]);
         req["stream"] = json!(stream);
-        let text = if stream {
-            streamed_text(&chat_stream(base, &req).await, 0)
-        } else {
-            let (_, body) = chat(base, &req).await;
-            assert_eq!(body["choices"][0]["finish_reason"], "stop");
-            content(&body)
-        };
+        let text = text_of(base, &req, "stop").await;
         assert_eq!(text, prefix, "stream={stream}");
     }
 }
@@ -205,10 +215,7 @@ async fn min_tokens_masks_eos_until_reached() {
 
 #[tokio::test]
 async fn min_tokens_ignores_stop_strings_inside_the_first_tokens() {
-    let model = "llava-clip-llama";
-    let base = common::server(model);
-    let msgs = common::messages(&text_case(model));
-    let full = content(&chat(base, &greedy(model, msgs.clone(), 20)).await.1);
+    let (model, base, msgs, full) = greedy_text().await;
     let chars: Vec<char> = full.chars().collect();
     // A stop string that occurs once in the output, spanning token boundaries.
     let stop = (0..chars.len() - 3)
@@ -231,13 +238,7 @@ async fn min_tokens_ignores_stop_strings_inside_the_first_tokens() {
     for stream in [false, true] {
         req["min_tokens"] = json!(k);
         req["stream"] = json!(stream);
-        let text = if stream {
-            streamed_text(&chat_stream(base, &req).await, 0)
-        } else {
-            let (_, body) = chat(base, &req).await;
-            assert_eq!(body["choices"][0]["finish_reason"], "length");
-            content(&body)
-        };
+        let text = text_of(base, &req, "length").await;
         assert_eq!(
             text, full,
             "stream={stream}: stop {stop:?} inside the first {k} tokens"
