@@ -23,6 +23,6 @@ models=$(IFS=,; echo "${chat[*]}")
 .venv-ci/bin/python scripts/load_test.py "http://127.0.0.1:$port" "$models" tests/fixtures/images/cat.jpg \
   --clients 8 --aborters 2 --duration 15 --pid "${pids[0]}"
 
-printf '[engine]\nmax_num_seqs = 1\nmax_waiting = 1\n[debug]\ntest_hooks = true\n' >"$tmp/queue.toml"
+printf '[engine]\nmax_num_seqs = 1\nmax_waiting = 1\n' >"$tmp/queue.toml"
 serve $((port + 1)) --config "$tmp/queue.toml" --model tests/fixtures/models/qwen2-vl-tiny
 .venv-ci/bin/python tests/sdk/openai_backpressure_check.py "http://127.0.0.1:$((port + 1))" qwen2-vl-tiny

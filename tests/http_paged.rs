@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::live::{finish_reason, long_request, stats, OpenStream, HOOK};
+use common::live::{finish_reason, long_request, stats, OpenStream};
 use common::{chat, content, expected_text, greedy, streamed_text};
 use mmserve::config::Config;
 use serde_json::Value;
@@ -29,7 +29,6 @@ fn squeezed() -> Config {
     cfg.engine.block_size = 4;
     cfg.engine.max_batched_tokens = 24;
     cfg.engine.kv_cache_bytes = POOL_TOKENS * TOKEN_BYTES;
-    cfg.debug.test_hooks = true;
     cfg
 }
 
@@ -87,19 +86,18 @@ async fn a_preempted_stream_carries_on_unchanged() {
     // Each alone fits the pool (a short prompt plus 200 tokens); two together
     // do not, so the newer is preempted once both have grown.
     let body = |stream| long_request("MODEL", 200, stream);
-    let hook = [(HOOK, "ignore-eos")];
     for model in MODELS {
         let mut req = body(false);
         req["model"] = model.into();
-        let alone = common::live::post(base, &req, &hook).await;
+        let alone = common::live::post(base, &req, &[]).await;
         let alone: Value = alone.json().await.expect("json");
         let want = content(&alone);
         let before = stats(base, model).await["preempted"].as_u64().unwrap_or(0);
 
         req["stream"] = true.into();
-        let mut first = OpenStream::open(base, &req, &hook).await;
+        let mut first = OpenStream::open(base, &req, &[]).await;
         first.until_text().await;
-        let second = OpenStream::open(base, &req, &hook).await;
+        let second = OpenStream::open(base, &req, &[]).await;
         let (a, b) = futures::future::join(first.all(), second.all()).await;
         for events in [&a, &b] {
             assert_eq!(finish_reason(events), "length", "{model}");

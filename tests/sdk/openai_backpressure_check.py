@@ -1,8 +1,8 @@
 """The official `openai` Python SDK against mmserve's bounded queue.
 
 Usage: python tests/sdk/openai_backpressure_check.py BASE_URL CHAT_MODEL
-The server must run with `[engine] max_num_seqs = 1`, `max_waiting = 1` and
-`[debug] test_hooks = true` (scripts/sdk-check.sh starts one). Two streams
+The server must run with `[engine] max_num_seqs = 1` and `max_waiting = 1`
+(scripts/sdk-check.sh starts one). Two streams (the first with `ignore_eos`)
 hold the only seat and the only waiting place; then a request without retries
 raises RateLimitError (429, code queue_full, Retry-After), and one with the
 SDK's default retries gets 429 first and succeeds once the streams are gone.
@@ -18,7 +18,7 @@ no_retry = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retrie
 
 running = no_retry.chat.completions.create(
     model=model, messages=messages, max_tokens=4000, stream=True,
-    extra_headers={"x-mmserve-test-hook": "ignore-eos"})
+    extra_body={"ignore_eos": True})
 for chunk in running:
     if chunk.choices and chunk.choices[0].delta.content:
         break  # it generates: the seat is taken
