@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole comparison in one command (see bench/README.md):
+#
+#   bench/run.sh [MODEL...]        # default: smolvlm-256m; also smolvlm-500m
+#
+# Builds mmserve and the probe (release), makes the random-weight models if missing, then, in
+# this order on a machine as quiet as possible: the candle probe (bandwidth, matmul), mmserve
+# under bench/loadgen.py (text and image, concurrency 1, 4, 16), transformers (bench/hf_peer.py,
+# batch 1 and 8). Writes bench/out/<date>/ (JSON per step, report.md) and prints the report.
+# Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
+# THREADS (default: every core), PORT (default 18700), CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+threads=${THREADS:-$(nproc)}
+port=${PORT:-18700}
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(smolvlm-256m)
+target=${CARGO_TARGET_DIR:-target}
+out="bench/out/$(date -u +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+export RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
+
+cargo build --release --locked --bin mmserve --example candle_probe
+"$py" bench/make_models.py "${models[@]}"
+
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+load_before=$(load)
+echo "== probe"
+"$target/release/examples/candle_probe" >"$out/probe.json"
+
+server=""
+trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
+dirs="{}"
+for m in "${models[@]}"; do
+  dir="bench/models/$m-1tile"
+  dirs=$("$py" -c 'import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=sys.argv[3]; print(json.dumps(d))' \
+    "$dirs" "$m" "$dir")
+  echo "== mmserve $m"
+  "$target/release/mmserve" serve --model "$dir" --served-model-name "$m" --port "$port" >"$out/mmserve-$m.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 "$server" || { cat "$out/mmserve-$m.log"; exit 1; }
+    sleep 0.5
+  done
+  "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg --pid "$server" \
+    --json "$out/mmserve-$m.json"
+  kill "$server"
+  wait "$server" || true
+  server=""
+  echo "== transformers $m"
+  "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" --json "$out/hf-$m.json" \
+    2> >(grep -v -e Warning -e 'Loading weights' >&2)
+done
+
+"$py" - "$out/meta.json" "$load_before" "$(load)" "$threads" "$dirs" "${models[@]}" <<'EOF'
+import json, platform, subprocess, sys, datetime
+path, before, after, threads, dirs, *models = sys.argv[1:]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((int(l.split()[1]) // 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+json.dump({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": f"{cpu}, {subprocess.check_output(['nproc']).decode().strip()} cores, {mem} GiB, {platform.system()}",
+           "commit": commit, "threads": int(threads), "load_before": before, "load_after": after,
+           "models": models, "model_dirs": json.loads(dirs)}, open(path, "w"), indent=2)
+EOF
+"$py" bench/report.py "$out" | tee "$out/report.md"

@@ -1,0 +1,197 @@
+//! This machine's limits for `bench/`, measured in the same session as the load: memory
+//! bandwidth (a parallel read-sum and a parallel copy of 1 GiB on plain threads) and candle's
+//! `Linear` speed in f32 and f16 at decode shapes (small m: bound by reading the weights) and
+//! prefill shapes (large m: bound by compute). Prints one JSON object on stdout, a table on
+//! stderr.
+//!
+//! ```text
+//! cargo run --release --example candle_probe [-- --quick]
+//! ```
+//! Threads: `RAYON_NUM_THREADS` (candle's gemm pool; also used here for the bandwidth threads),
+//! else every core.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+
+/// Bytes of each bandwidth buffer.
+const BANDWIDTH_BYTES: usize = 1 << 30;
+
+/// A `Linear` shape: `x (m, k) @ W^T`, `W (n, k)`.
+struct Shape {
+    what: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        what: "256M MLP up, decode",
+        m: 1,
+        k: 576,
+        n: 1536,
+    },
+    Shape {
+        what: "256M MLP up, decode",
+        m: 4,
+        k: 576,
+        n: 1536,
+    },
+    Shape {
+        what: "256M MLP up, decode",
+        m: 16,
+        k: 576,
+        n: 1536,
+    },
+    Shape {
+        what: "256M lm_head, decode",
+        m: 1,
+        k: 576,
+        n: 49280,
+    },
+    Shape {
+        what: "256M lm_head, decode",
+        m: 16,
+        k: 576,
+        n: 49280,
+    },
+    Shape {
+        what: "decoder MLP (notes)",
+        m: 1,
+        k: 2048,
+        n: 8192,
+    },
+    Shape {
+        what: "decoder MLP (notes)",
+        m: 8,
+        k: 2048,
+        n: 8192,
+    },
+    Shape {
+        what: "256M MLP up, prefill",
+        m: 512,
+        k: 576,
+        n: 1536,
+    },
+    Shape {
+        what: "SigLIP MLP, one 512px tile",
+        m: 1024,
+        k: 768,
+        n: 3072,
+    },
+    Shape {
+        what: "square",
+        m: 1024,
+        k: 1024,
+        n: 1024,
+    },
+];
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Shortest of `reps` timed runs of `f`, in seconds, after one untimed run.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Sum with 16 independent lanes, so the loop vectorises and is bound by memory.
+fn lane_sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// (read GB/s, copy GB/s counting read plus write bytes, as STREAM does).
+fn bandwidth(threads: usize, reps: usize) -> (f64, f64) {
+    let n = BANDWIDTH_BYTES / 4;
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let part = n.div_ceil(threads);
+    let read = best_of(reps, || {
+        std::thread::scope(|s| {
+            for c in src.chunks(part) {
+                s.spawn(move || black_box(lane_sum(c)));
+            }
+        })
+    });
+    let copy = best_of(reps, || {
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
+                s.spawn(move || d.copy_from_slice(c));
+            }
+        })
+    });
+    black_box(&dst);
+    let gb = BANDWIDTH_BYTES as f64 / 1e9;
+    (gb / read, 2.0 * gb / copy)
+}
+
+/// Seconds per `Linear` forward of `shape` in `dtype`.
+fn linear_secs(shape: &Shape, dtype: DType, reps: usize) -> candle_core::Result<f64> {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.02, (shape.n, shape.k), &dev)?.to_dtype(dtype)?;
+    let x = Tensor::randn(0f32, 1.0, (shape.m, shape.k), &dev)?.to_dtype(dtype)?;
+    let lin = Linear::new(w, None);
+    let mut err = None;
+    let secs = best_of(reps, || {
+        if let Err(e) = lin.forward(&x) {
+            err = Some(e);
+        }
+    });
+    err.map_or(Ok(secs), Err)
+}
+
+fn main() -> candle_core::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = if quick { 2 } else { 7 };
+    let threads = threads();
+    let (read, copy) = bandwidth(threads, reps);
+    eprintln!("threads {threads}: read {read:.1} GB/s, copy {copy:.1} GB/s (read + write)");
+    let mut rows = Vec::new();
+    for shape in SHAPES {
+        for (dtype, name, bytes) in [(DType::F32, "f32", 4.0), (DType::F16, "f16", 2.0)] {
+            let secs = linear_secs(shape, dtype, reps)?;
+            let (m, k, n) = (shape.m as f64, shape.k as f64, shape.n as f64);
+            let gflops = 2.0 * m * k * n / secs / 1e9;
+            let weight_gbs = n * k * bytes / secs / 1e9;
+            eprintln!(
+                "{:<28} m={:<5} k={:<5} n={:<6} {name}: {:>8.3} ms {gflops:>7.1} GFLOP/s {weight_gbs:>6.1} GB/s of weights",
+                shape.what, shape.m, shape.k, shape.n, secs * 1e3
+            );
+            rows.push(serde_json::json!({
+                "what": shape.what, "m": shape.m, "k": shape.k, "n": shape.n, "dtype": name,
+                "ms": secs * 1e3, "gflops": gflops, "weight_gbs": weight_gbs,
+            }));
+        }
+    }
+    let out = serde_json::json!({
+        "threads": threads,
+        "read_gbs": read,
+        "copy_gbs": copy,
+        "matmul": rows,
+    });
+    println!("{out}");
+    Ok(())
+}
