@@ -33,9 +33,9 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers.image_utils import PILImageResampling  # noqa: E402
 
+from bpe import train_bytelevel_bpe  # noqa: E402
 from make_vlm_fixtures import SMOLVLM_TEMPLATE  # noqa: E402
 
 OUT = ROOT / "bench" / "models"
@@ -67,7 +67,7 @@ SPECS = {
 
 
 def corpus():
-    """Python's standard library sources, in 1 MB pieces (about 30 MB)."""
+    """Python's standard library sources, one file at a time (about 30 MB)."""
     lib = Path(os.__file__).parent
     for path in sorted(lib.rglob("*.py")):
         if "site-packages" in path.parts:
@@ -82,12 +82,7 @@ def tokenizer():
     cache = OUT / "tokenizer-cache.json"
     if cache.exists():
         return tokenizers.Tokenizer.from_file(str(cache))
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BASE_VOCAB, special_tokens=SMOLLM_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok = train_bytelevel_bpe(corpus(), BASE_VOCAB, SMOLLM_SPECIALS)
     short = BASE_VOCAB - tok.get_vocab_size()
     # A corpus too small for every merge: fill the base vocabulary with reserved tokens.
     tok.add_special_tokens([f"<|unused_{i}|>" for i in range(short)])
