@@ -40,6 +40,17 @@ pub struct ServerConfig {
     pub cors_allow_origins: Vec<String>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub drain_timeout_secs: u64,
+    /// How log lines are written to stdout.
+    pub log_format: LogFormat,
+}
+
+/// Log lines as human-readable text or as one JSON object per line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl ServerConfig {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mmserve::api::{lifecycle, AppState};
-use mmserve::config::{Config, Dtype, ModelConfig};
+use mmserve::config::{Config, Dtype, LogFormat, ModelConfig};
 use mmserve::startup::demo;
 use tokio::sync::mpsc;
 
@@ -48,6 +48,10 @@ struct ServeArgs {
     /// Port to listen on (default 8000).
     #[arg(long, env = "MMSERVE_PORT")]
     port: Option<u16>,
+    /// Log lines as `text` or `json` (one object per line) [default: the
+    /// config's `server.log_format`, text].
+    #[arg(long, env = "MMSERVE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     /// Compute dtype of every model given by --model (default f32; bf16 is slow on CPUs).
     #[arg(long, value_enum)]
     dtype: Option<Dtype>,
@@ -98,6 +102,9 @@ impl ServeArgs {
         if let Some(p) = self.port {
             cfg.server.port = p;
         }
+        if let Some(f) = self.log_format {
+            cfg.server.log_format = f;
+        }
         if let Some(n) = self.max_num_seqs {
             cfg.engine.max_num_seqs = n;
         }
@@ -115,18 +122,25 @@ impl ServeArgs {
     }
 }
 
+/// Logs to stdout at RUST_LOG's levels (default info), as text or JSON.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().with_current_span(true).init(),
+    }
+}
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         None => ServeArgs::default(),
     };
     let cfg = args.config()?;
+    init_logging(cfg.server.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -198,7 +198,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(keys)
         .layer(headers)
-        .layer(middleware::from_fn(observe::count_requests))
+        .layer(middleware::from_fn(observe::per_request))
         .with_state(state);
     // Outermost, so that preflights (which carry no key) are answered.
     match cors {

@@ -1,14 +1,16 @@
 //! What the HTTP layer records for operators: `GET /metrics`, the count of
-//! answered requests by route and status, and the timings and token counts
-//! of each chat request ([`ChatTimer`]).
+//! answered requests by route and status, a request id and log span per
+//! request, and the timings and token counts of each chat request
+//! ([`ChatTimer`]). Nothing here logs a request's body.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use super::AppState;
 use crate::metrics::{metrics, observe, ModelMetrics};
@@ -33,16 +35,44 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Counts every answered request by its route (`other` for unknown paths,
-/// so that clients cannot grow the label set) and status.
-pub async fn count_requests(req: Request, next: Next) -> Response {
+/// The header that carries a request's id, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The client's request id if it is short printable ASCII, else a new one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string)
+}
+
+/// Runs every request in a span carrying its request id, logs its outcome,
+/// returns the id in `x-request-id`, and counts the request by its route
+/// (`other` for unknown paths, so that clients cannot grow the label set)
+/// and status.
+pub async fn per_request(req: Request, next: Next) -> Response {
     let endpoint = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("other", |p| p.as_str())
         .to_string();
-    let resp = next.run(req).await;
-    metrics().request(&endpoint, resp.status().as_u16());
+    let id = request_id(&req);
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), endpoint);
+    let started = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            latency_ms = started.elapsed().as_millis() as u64,
+            "answered"
+        )
+    });
+    metrics().request(&endpoint, status);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
     resp
 }
 

@@ -25,6 +25,7 @@ pub fn command() -> Command {
         "MMSERVE_CONFIG",
         "MMSERVE_HOST",
         "MMSERVE_PORT",
+        "MMSERVE_LOG_FORMAT",
     ] {
         c.env_remove(var);
     }
