@@ -6,7 +6,8 @@
 # Builds mmserve and the probe (release), makes the random-weight models if missing, then, in
 # this order on a machine as quiet as possible: the candle probe (bandwidth, matmul), mmserve
 # under bench/loadgen.py (text and image, concurrency 1, 4, 16), transformers (bench/hf_peer.py,
-# batch 1 and 8). Writes bench/out/<date>/ (JSON per step, report.md) and prints the report.
+# batch 1 and 8). Writes bench/out/<date>/ (the binaries measured, JSON per step, report.md) and
+# prints the report.
 # Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
 # THREADS (default: every core), PORT (default 18700), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -22,12 +23,14 @@ mkdir -p "$out"
 export RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 
 cargo build --release --locked --bin mmserve --example candle_probe
+# Copies: what was measured, safe from a later build into the same target directory.
+cp "$target/release/mmserve" "$target/release/examples/candle_probe" "$out/"
 "$py" bench/make_models.py "${models[@]}"
 
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 load_before=$(load)
 echo "== probe"
-"$target/release/examples/candle_probe" >"$out/probe.json"
+"$out/candle_probe" >"$out/probe.json"
 
 server=""
 trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
@@ -37,7 +40,7 @@ for m in "${models[@]}"; do
   dirs=$("$py" -c 'import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=sys.argv[3]; print(json.dumps(d))' \
     "$dirs" "$m" "$dir")
   echo "== mmserve $m"
-  "$target/release/mmserve" serve --model "$dir" --served-model-name "$m" --port "$port" >"$out/mmserve-$m.log" 2>&1 &
+  "$out/mmserve" serve --model "$dir" --served-model-name "$m" --port "$port" >"$out/mmserve-$m.log" 2>&1 &
   server=$!
   for _ in $(seq 1 240); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
