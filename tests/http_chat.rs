@@ -7,13 +7,7 @@ mod common;
 use common::{chat, chat_stream, content, expected_text, greedy, streamed_text};
 use serde_json::{json, Value};
 
-const MODELS: [&str; 5] = [
-    "llava-clip-llama",
-    "llava-siglip-qwen2",
-    "qwen2-vl-tiny",
-    "qwen2.5-vl-tiny",
-    "idefics3-tiny",
-];
+const MODELS: [&str; 5] = common::CHAT_MODELS;
 
 #[tokio::test]
 async fn greedy_output_matches_transformers_for_every_case() {

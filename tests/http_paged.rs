@@ -12,13 +12,7 @@ use common::{chat, content, expected_text, greedy, streamed_text};
 use mmserve::config::Config;
 use serde_json::Value;
 
-const MODELS: [&str; 5] = [
-    "llava-clip-llama",
-    "llava-siglip-qwen2",
-    "qwen2-vl-tiny",
-    "qwen2.5-vl-tiny",
-    "idefics3-tiny",
-];
+const MODELS: [&str; 5] = common::CHAT_MODELS;
 
 /// Bytes one position takes in every chat fixture: 2 layers x (k, v) x 2 kv heads x 16 x 4.
 const TOKEN_BYTES: usize = 2 * 2 * 2 * 16 * 4;

@@ -11,13 +11,7 @@ use mmserve::model::ImageInput;
 use mmserve::openai::request::ChatCompletionRequest;
 use mmserve::startup;
 
-const MODELS: [&str; 5] = [
-    "llava-clip-llama",
-    "llava-siglip-qwen2",
-    "qwen2-vl-tiny",
-    "qwen2.5-vl-tiny",
-    "idefics3-tiny",
-];
+const MODELS: [&str; 5] = common::CHAT_MODELS;
 
 /// PIL's resampling is reproduced bit-exactly on uint8, so what remains is
 /// float rounding of rescale and normalize: 1e-5 covers f32 ulp at |x| <= 3

@@ -73,6 +73,15 @@ pub fn server(_name: &'static str) -> &'static str {
     SERVER.get_or_init(|| start(config(&ALL_MODELS)))
 }
 
+/// Every chat fixture model.
+pub const CHAT_MODELS: [&str; 5] = [
+    "llava-clip-llama",
+    "llava-siglip-qwen2",
+    "qwen2-vl-tiny",
+    "qwen2.5-vl-tiny",
+    "idefics3-tiny",
+];
+
 /// Every fixture model, chat and embedding.
 pub const ALL_MODELS: [&str; 7] = [
     "llava-clip-llama",
