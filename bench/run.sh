@@ -43,7 +43,7 @@ for m in "${models[@]}"; do
   "$out/mmserve" serve --model "$dir" --served-model-name "$m" --port "$port" >"$out/mmserve-$m.log" 2>&1 &
   server=$!
   for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
     kill -0 "$server" || { cat "$out/mmserve-$m.log"; exit 1; }
     sleep 0.5
   done

@@ -23,7 +23,7 @@ tmp=$(mktemp -d)
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for _ in $(seq 1 120); do
-  if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then break; fi
+  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null; then break; fi
   if ! kill -0 $pid 2>/dev/null; then cat "$tmp/server.log"; exit 1; fi
   sleep 0.5
 done

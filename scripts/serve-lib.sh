@@ -13,16 +13,16 @@ venv_with() {
   .venv-ci/bin/python -c "import $1" 2>/dev/null || .venv-ci/bin/pip install -q "$2"
 }
 
-# serve PORT ARGS...: starts mmserve and waits until /health answers 200.
+# serve PORT ARGS...: starts mmserve and waits until /ready answers 200 (loaded and warmed up).
 serve() {
   local p=$1
   shift
   "$bin" serve "$@" --port "$p" >"$tmp/$p.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 120); do
-    if curl -sf "http://127.0.0.1:$p/health" >/dev/null; then return; fi
+    if curl -sf "http://127.0.0.1:$p/ready" >/dev/null; then return; fi
     if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$tmp/$p.log"; exit 1; fi
     sleep 0.5
   done
-  echo "mmserve on port $p never became healthy"; cat "$tmp/$p.log"; exit 1
+  echo "mmserve on port $p never became ready"; cat "$tmp/$p.log"; exit 1
 }

@@ -178,6 +178,12 @@ impl EngineConfig {
 pub struct DebugConfig {
     /// Honour the `x-mmserve-test-hook` request header (fault injection).
     pub test_hooks: bool,
+    /// With `test_hooks`: hold each model's warm-up until this file exists
+    /// (empty: do not wait), so that tests can see `/ready` before it.
+    pub warmup_gate: String,
+    /// With `test_hooks`: the test hook the chat warm-up requests carry
+    /// (empty: none), e.g. `fail-forward` to make the warm-up fail.
+    pub warmup_hook: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -289,6 +295,16 @@ impl Config {
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        for (key, v) in [
+            ("debug.warmup_gate", &self.debug.warmup_gate),
+            ("debug.warmup_hook", &self.debug.warmup_hook),
+        ] {
+            if !v.is_empty() && !self.debug.test_hooks {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} needs debug.test_hooks = true"
+                )));
             }
         }
         if self.engine.max_batched_tokens < self.engine.max_num_seqs {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mmserve::api::{lifecycle, AppState};
-use mmserve::config::{Config, Dtype, LogFormat, ModelConfig};
+use mmserve::api::{lifecycle, warmup, AppState};
+use mmserve::config::{Config, Dtype, LogFormat, ModelConfig, ModelKind};
 use mmserve::startup::demo;
 use tokio::sync::mpsc;
 
@@ -184,23 +184,12 @@ async fn serve(cfg: Config) -> Result<()> {
     let drain_timeout = Duration::from_secs(cfg.server.drain_timeout_secs);
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
 
-    // Load off the runtime; /health answers 503 meanwhile.
+    // Load and warm up in the background; /ready answers 503 meanwhile.
     let loader_state = Arc::clone(&state);
     let loader_stop = stop_tx.clone();
-    tokio::task::spawn_blocking(move || {
-        for (m, kind) in cfg.models.iter().zip(kinds) {
-            let name = m.served_name();
-            match mmserve::startup::load(&cfg, m, kind) {
-                Ok((served, engine_thread)) => {
-                    loader_state.install(&name, served);
-                    watch_engine(engine_thread, name.clone(), loader_stop.clone());
-                    tracing::info!(model = %name, path = %m.path.display(), "model loaded");
-                }
-                Err(e) => {
-                    let _ = loader_stop.send(Stop::LoadFailed(e));
-                    return;
-                }
-            }
+    tokio::spawn(async move {
+        if let Err(e) = bring_up(cfg, kinds, &loader_state, &loader_stop).await {
+            let _ = loader_stop.send(Stop::LoadFailed(e));
         }
     });
     tokio::spawn(async move {
@@ -219,6 +208,36 @@ async fn serve(cfg: Config) -> Result<()> {
         Stop::LoadFailed(e) => Err(e),
         Stop::EngineDied(name) => anyhow::bail!("the engine of `{name}` stopped; exiting"),
     }
+}
+
+/// Loads each model (off the runtime), installs it, watches its engine
+/// thread and warms it up. A failed load or warm-up stops the server: a model
+/// that cannot answer its canary request would never become ready.
+async fn bring_up(
+    cfg: Config,
+    kinds: Vec<ModelKind>,
+    state: &AppState,
+    stop: &mpsc::UnboundedSender<Stop>,
+) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let m = cfg.models[i].clone();
+        let name = m.served_name();
+        let path = m.path.clone();
+        let load_cfg = Arc::clone(&cfg);
+        let (served, engine_thread) =
+            tokio::task::spawn_blocking(move || mmserve::startup::load(&load_cfg, &m, kind))
+                .await
+                .context("the loading task failed")??;
+        state.install(&name, served);
+        watch_engine(engine_thread, name.clone(), stop.clone());
+        tracing::info!(model = %name, path = %path.display(), "model loaded; warming up");
+        warmup::warm_up(state, &name, &cfg.debug)
+            .await
+            .map_err(|e| anyhow::anyhow!("the warm-up of `{name}` failed: {}", e.message))?;
+    }
+    tracing::info!("every model is ready");
+    Ok(())
 }
 
 /// Reports an engine thread's end (a panic outside the per-request guards).

@@ -23,7 +23,7 @@ fn hi() -> serde_json::Value {
 }
 
 #[tokio::test]
-async fn keys_guard_every_route_but_health() {
+async fn keys_guard_every_route_but_the_probes() {
     let mut cfg = common::config(&[MODEL]);
     cfg.server.api_keys = vec!["sk-a".into(), "sk-b".into()];
     let base = common::start(cfg);
@@ -55,11 +55,9 @@ async fn keys_guard_every_route_but_health() {
     assert_eq!(s, 200);
     let (s, _) = status(c.get(&models).bearer_auth("sk-a")).await;
     assert_eq!(s, 200);
-    assert_eq!(
-        common::get(&base, "/health").await.0,
-        200,
-        "health stays open"
-    );
+    for probe in ["/health", "/ready"] {
+        assert_eq!(common::get(&base, probe).await.0, 200, "{probe} stays open");
+    }
 }
 
 #[tokio::test]
@@ -125,7 +123,7 @@ impl Drop for Server {
 }
 
 /// Starts the binary with a key file and these extra arguments and
-/// environment; returns it once healthy, with its base URL.
+/// environment; returns it once ready, with its base URL.
 async fn spawn(extra: &[&str], env: &[(&str, &str)]) -> (Server, String) {
     let dir = std::env::temp_dir().join(format!("mmserve-access-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -153,11 +151,8 @@ async fn spawn(extra: &[&str], env: &[(&str, &str)]) -> (Server, String) {
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let c = common::client();
-    while !matches!(c.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
-        assert!(
-            Instant::now() < deadline,
-            "the server did not become healthy"
-        );
+    while !matches!(c.get(format!("{base}/ready")).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "the server did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     (server, base)

@@ -1,5 +1,6 @@
 //! Before the model has loaded the server already answers: 503 in the OpenAI
-//! error shape on every route that needs the model, including /health.
+//! error shape on every route that needs the model; `/ready` is 503 and says
+//! the model is loading, while `/health` (liveness) is 200.
 
 use std::sync::Arc;
 
@@ -31,16 +32,23 @@ async fn call(method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::V
 }
 
 #[tokio::test]
-async fn health_and_requests_are_503_while_loading() {
+async fn requests_are_503_while_loading() {
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    for (method, uri, body) in [
-        ("GET", "/health", ""),
-        ("POST", "/v1/chat/completions", chat),
-    ] {
-        let (status, json) = call(method, uri, body).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
-        assert_eq!(json["error"]["code"], "service_unavailable", "{uri}");
-    }
+    let (status, json) = call("POST", "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json["error"]["code"], "service_unavailable");
+}
+
+#[tokio::test]
+async fn not_ready_but_alive_while_loading() {
+    let (status, json) = call("GET", "/ready", "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json["status"], "not_ready");
+    assert_eq!(json["models"]["m"], "loading");
+    let (status, json) = call("GET", "/health", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["status"], "ok");
+    assert_eq!(json["models"]["m"]["state"], "loading");
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::live::{
     finish_reason, health, idle, long_request, post, stats, wait_for_stats, OpenStream, HOOK,
 };
@@ -173,8 +175,18 @@ async fn a_dead_engine_turns_health_503() {
     )
     .await;
     error_of(resp, 503, "service_unavailable").await;
-    let (status, body) = health(&base).await;
-    assert_eq!(status, 503, "{body}");
+    // The thread's end is seen once it has unwound, just after its channels closed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = health(&base).await;
+        if status == 503 {
+            assert_eq!(body["status"], "engine_stopped", "{body}");
+            assert_eq!(body["models"][MODEL]["state"], "stopped", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let resp = post(&base, &long_request(MODEL, 8, false), &[]).await;
     error_of(resp, 503, "service_unavailable").await;
 }

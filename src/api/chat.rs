@@ -13,7 +13,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::observe::ChatTimer;
-use super::{stream, unix_now, AppState, ChatServing};
+use super::{off_runtime, stream, unix_now, AppState, ChatServing};
 use crate::engine::{EngineRequest, Event, TestHook, TokenLogprobs};
 use crate::openai::request::ChatCompletionRequest;
 use crate::openai::response::{
@@ -38,14 +38,13 @@ pub async fn chat_completions(
     let opts = HeaderOptions::read(&headers, serving, arrived)?;
     let validator = Arc::clone(&serving.validator);
     let req_model = req.model.clone();
-    let valid = tokio::task::spawn_blocking(move || {
+    let valid = off_runtime(move || {
         if opts.hook == Some(TestHook::PanicValidation) {
             panic!("test hook: validation panicked");
         }
         validator.validate_chat(&req)
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
+    .await?;
     let receivers = submit(serving, &valid, opts)?;
     serving.metrics.images.inc_by(valid.images.len() as u64);
     let timer = ChatTimer::new(serving.metrics.clone(), arrived, receivers.len());
@@ -74,9 +73,9 @@ pub async fn chat_completions(
 
 /// What a request's headers ask of the engine.
 #[derive(Debug, Clone, Copy)]
-struct HeaderOptions {
-    deadline: Option<Instant>,
-    hook: Option<TestHook>,
+pub(super) struct HeaderOptions {
+    pub(super) deadline: Option<Instant>,
+    pub(super) hook: Option<TestHook>,
 }
 
 impl HeaderOptions {
@@ -136,7 +135,7 @@ pub struct ResponseMeta {
 }
 
 /// Queues one engine request per choice, all or none (429 when the queue is full).
-fn submit(
+pub(super) fn submit(
     serving: &ChatServing,
     valid: &ValidChatRequest,
     opts: HeaderOptions,

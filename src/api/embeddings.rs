@@ -10,7 +10,7 @@ use base64::Engine as _;
 
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::AppState;
+use super::{off_runtime, AppState};
 use crate::openai::embeddings::{
     Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, EmbeddingVector,
 };
@@ -24,9 +24,7 @@ pub async fn embeddings(
     let serving = state.embed(&req.model)?;
     let model = req.model.clone();
     let validator = Arc::clone(&serving.validator);
-    let valid = tokio::task::spawn_blocking(move || validator.validate(req))
-        .await
-        .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))??;
+    let valid = off_runtime(move || validator.validate(req)).await?;
     let vectors = serving.engine.embed(valid.inputs).await?;
     let data = vectors
         .into_iter()

@@ -1,7 +1,7 @@
 //! Checks every request passes before it reaches a handler: the count and
 //! total size of its headers (431 `headers_too_large`), and its API key when
-//! keys are configured (401 `invalid_api_key`; `/health`, `/metrics` and the playground page
-//! stay open).
+//! keys are configured (401 `invalid_api_key`; `/health`, `/ready`, `/metrics` and the
+//! playground page stay open).
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub async fn header_limits(
 }
 
 /// Routes open without a key: orchestrators probe them.
-const OPEN_PATHS: [&str; 2] = ["/health", "/metrics"];
+const OPEN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
 
 /// Lets a request through when no keys are configured, for an open path, or
 /// with `Authorization: Bearer KEY` naming a configured key.

@@ -10,14 +10,16 @@ mod json;
 pub mod lifecycle;
 mod observe;
 mod playground;
+pub mod probes;
 mod stream;
+pub mod warmup;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
@@ -68,10 +70,11 @@ impl Served {
         }
     }
 
-    async fn ping(&self) -> bool {
+    /// False once its engine thread has ended.
+    fn is_alive(&self) -> bool {
         match self {
-            Served::Chat(c) => c.engine.ping().await,
-            Served::Embed(e) => e.engine.ping().await,
+            Served::Chat(c) => c.engine.is_alive(),
+            Served::Embed(e) => e.engine.is_alive(),
         }
     }
 
@@ -90,6 +93,14 @@ pub struct ModelSlot {
     pub kind: ModelKind,
     /// Set once the model has loaded; until then its requests get 503.
     pub served: OnceLock<Served>,
+    /// Set once its warm-up request has finished; `/ready` waits for it.
+    warm: AtomicBool,
+}
+
+impl ModelSlot {
+    fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::SeqCst)
+    }
 }
 
 /// State shared by all handlers.
@@ -112,6 +123,7 @@ impl AppState {
                     name,
                     kind,
                     served: OnceLock::new(),
+                    warm: AtomicBool::new(false),
                 })
                 .collect(),
             created: unix_now(),
@@ -126,6 +138,13 @@ impl AppState {
             .iter()
             .find(|m| m.name == name)
             .is_some_and(|m| m.served.set(served).is_ok())
+    }
+
+    /// Marks a loaded model as warmed up (see [`warmup`]).
+    fn mark_warm(&self, name: &str) {
+        if let Some(m) = self.models.iter().find(|m| m.name == name) {
+            m.warm.store(true, Ordering::SeqCst);
+        }
     }
 
     /// The model a request names, of the kind its endpoint serves.
@@ -173,6 +192,16 @@ impl AppState {
     }
 }
 
+/// Runs validation (which decodes images) off the async runtime.
+async fn off_runtime<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("validation task failed: {e}")))?
+        .map_err(Into::into)
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -190,7 +219,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
+        .route("/health", get(probes::health))
+        .route("/ready", get(probes::ready))
         .route("/metrics", get(observe::render))
         .merge(playground::routes())
         .fallback(not_found)
@@ -247,40 +277,6 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
             })
             .collect(),
     })
-}
-
-/// 200 when every model has loaded and its engine thread answers, with each
-/// engine's load; 503 while one is loading, once an engine died, or while the
-/// server drains (code `server_shutting_down`).
-async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.lifecycle.is_draining() {
-        return lifecycle::shutting_down().into_response();
-    }
-    let mut models = serde_json::Map::new();
-    for m in &state.models {
-        let Some(served) = m.served.get() else {
-            return ApiError::unavailable(format!("the model `{}` is still loading", m.name))
-                .into_response();
-        };
-        let ping = tokio::time::timeout(Duration::from_secs(10), served.ping());
-        if !matches!(ping.await, Ok(true)) {
-            return ApiError::unavailable(format!("the engine of `{}` is not answering", m.name))
-                .into_response();
-        }
-        let s = served.stats();
-        let stats = serde_json::json!({
-            "waiting": s.waiting,
-            "running": s.running,
-            "kv_cache_bytes": s.kv_cache_bytes,
-            "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total,
-            "cancelled": s.cancelled,
-            "preempted": s.preempted,
-        });
-        models.insert(m.name.clone(), stats);
-    }
-    let body = serde_json::json!({"status": "ok", "models": models});
-    (StatusCode::OK, Json(body)).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -111,9 +111,6 @@ impl EngineCore {
                 self.next_id += 1;
                 self.waiting.push_back(Sequence::new(id, *req));
             }
-            Command::Ping(reply) => {
-                let _ = reply.send(());
-            }
         }
     }
 

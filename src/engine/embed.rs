@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use candle_core::Tensor;
 use tokio::sync::oneshot;
 
-use super::{guarded, EngineError, EngineLoad, EngineStats};
+use super::{guarded, AliveGuard, EngineError, EngineLoad, EngineStats};
 use crate::model::embed::EmbeddingModel;
 
 /// One input to embed.
@@ -28,7 +28,6 @@ pub struct EmbedJob {
 
 enum Command {
     Embed(EmbedJob),
-    Ping(oneshot::Sender<()>),
 }
 
 /// Cloneable async-side handle to an embedding engine thread.
@@ -57,10 +56,14 @@ impl EmbedHandle {
         max_waiting: usize,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
+        let load = Arc::new(EngineLoad::new(max_waiting));
+        let alive = AliveGuard(Arc::clone(&load));
         let join = std::thread::Builder::new()
             .name("mmserve-embed".into())
-            .spawn(move || run(&model, max_batch.max(1), &rx))?;
-        let load = Arc::new(EngineLoad::new(max_waiting));
+            .spawn(move || {
+                let _alive = alive;
+                run(&model, max_batch.max(1), &rx)
+            })?;
         Ok((EmbedHandle { tx, load }, join))
     }
 
@@ -83,10 +86,9 @@ impl EmbedHandle {
         self.load.stats()
     }
 
-    /// True when the engine thread answers.
-    pub async fn ping(&self) -> bool {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Ping(tx)).is_ok() && rx.await.is_ok()
+    /// False once the engine thread has ended.
+    pub fn is_alive(&self) -> bool {
+        self.load.is_alive()
     }
 }
 
@@ -95,12 +97,8 @@ fn run(model: &EmbeddingModel, max_batch: usize, rx: &Receiver<Command>) {
         let mut jobs = Vec::new();
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
-            match cmd {
-                Command::Ping(reply) => {
-                    let _ = reply.send(());
-                }
-                Command::Embed(job) => jobs.push(job),
-            }
+            let Command::Embed(job) = cmd;
+            jobs.push(job);
             next = rx.try_recv().ok();
         }
         // A client that went away is not computed for.

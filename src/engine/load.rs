@@ -2,8 +2,10 @@
 //! KV cache bytes and blocks, cancellations, preemptions), shared between its thread, which updates them, and its
 //! handles, which read them for backpressure, `/health` and metrics. Reading
 //! never waits for the engine thread, so a long forward pass does not block it.
+//! It also says whether the thread is still running ([`AliveGuard`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// A snapshot of an engine's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,6 +46,18 @@ pub struct EngineLoad {
     preempted: AtomicUsize,
     /// Most sequences allowed to wait; submissions beyond it are refused.
     max_waiting: usize,
+    /// Cleared when the engine thread ends, normally or by a panic.
+    alive: AtomicBool,
+}
+
+/// Held by an engine thread for its whole life: dropping it (on return or
+/// while a panic unwinds) marks the engine as stopped.
+pub struct AliveGuard(pub Arc<EngineLoad>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
 }
 
 impl EngineLoad {
@@ -57,7 +71,13 @@ impl EngineLoad {
             cancelled: AtomicUsize::new(0),
             preempted: AtomicUsize::new(0),
             max_waiting,
+            alive: AtomicBool::new(true),
         }
+    }
+
+    /// False once the engine thread has ended.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -133,5 +153,18 @@ mod tests {
         assert!(!load.try_reserve(1));
         load.release(9);
         assert_eq!(load.stats().waiting, 0, "never below zero");
+    }
+
+    #[test]
+    fn a_panicking_thread_is_seen_as_stopped() {
+        let load = Arc::new(EngineLoad::new(1));
+        let guard = AliveGuard(Arc::clone(&load));
+        assert!(load.is_alive());
+        let t = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("engine died");
+        });
+        assert!(t.join().is_err());
+        assert!(!load.is_alive());
     }
 }

@@ -16,10 +16,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::model::ImageInput;
-use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+use tokio::sync::mpsc as tokio_mpsc;
 
 pub use self::core::{EngineCore, EngineParts};
-pub use load::{EngineLoad, EngineStats};
+pub use load::{AliveGuard, EngineLoad, EngineStats};
 use sampling::SamplingParams;
 pub use scheduler::SchedulerConfig;
 
@@ -145,7 +145,6 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineErr
 
 enum Command {
     Submit(Box<EngineRequest>),
-    Ping(oneshot::Sender<()>),
 }
 
 /// Cloneable async-side handle to the engine thread.
@@ -160,9 +159,13 @@ impl EngineHandle {
     pub fn spawn(core: EngineCore) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
         let load = core.load();
+        let alive = AliveGuard(Arc::clone(&load));
         let join = std::thread::Builder::new()
             .name("mmserve-engine".into())
-            .spawn(move || core.run(rx))?;
+            .spawn(move || {
+                let _alive = alive;
+                core.run(rx)
+            })?;
         Ok((EngineHandle { tx, load }, join))
     }
 
@@ -189,12 +192,9 @@ impl EngineHandle {
         self.load.stats()
     }
 
-    /// True when the engine thread answers between two steps.
-    pub async fn ping(&self) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Ping(tx)).is_err() {
-            return false;
-        }
-        rx.await.is_ok()
+    /// False once the engine thread has ended (it panicked outside the
+    /// per-request guards); read without waiting for the thread.
+    pub fn is_alive(&self) -> bool {
+        self.load.is_alive()
     }
 }

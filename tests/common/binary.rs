@@ -39,8 +39,16 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts `mmserve serve ARGS --port P` with no MMSERVE_* settings from the environment and
-/// waits until `/health` answers 200 (models loaded), for at most `ready_within`.
+/// waits until `/ready` answers 200 (models loaded and warmed up), for at most `ready_within`.
 pub async fn start(args: &[&str], ready_within: Duration) -> Served {
+    let mut served = spawn(args);
+    wait_until(&mut served, "/ready", ready_within).await;
+    served
+}
+
+/// Starts `mmserve serve ARGS --port P` (no MMSERVE_* settings from the environment) and returns
+/// at once.
+pub fn spawn(args: &[&str]) -> Served {
     let port = free_port().to_string();
     let child = command()
         .arg("serve")
@@ -50,28 +58,29 @@ pub async fn start(args: &[&str], ready_within: Duration) -> Served {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("run mmserve");
-    let mut served = Served {
+    Served {
         child,
         base: format!("http://127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + ready_within;
+    }
+}
+
+/// Waits until GET `path` answers 200, for at most `within`; panics if the process exits first.
+pub async fn wait_until(served: &mut Served, path: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     let client = reqwest::Client::new();
     loop {
         let ok = client
-            .get(format!("{}/health", served.base))
+            .get(format!("{}{path}", served.base))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200);
         if ok {
-            return served;
+            return;
         }
         if let Some(status) = served.child.try_wait().expect("wait") {
-            panic!("mmserve {args:?} exited before it was ready: {status}");
+            panic!("mmserve exited before {path} answered 200: {status}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "mmserve {args:?} not ready in time"
-        );
+        assert!(Instant::now() < deadline, "{path} not 200 in time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
-use mmserve::api::{router, AppState};
+use mmserve::api::{router, warmup, AppState};
 use mmserve::config::{Config, ModelConfig};
 use mmserve::startup;
 use serde_json::{json, Value};
@@ -37,7 +37,7 @@ pub fn config(names: &[&str]) -> Config {
 }
 
 /// Starts a server for `cfg` on its own thread and runtime (it outlives any one
-/// test's runtime) and returns its base URL.
+/// test's runtime), its models loaded and warmed up, and returns its base URL.
 pub fn start(cfg: Config) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -55,6 +55,9 @@ pub fn start(cfg: Config) -> String {
             for (m, (name, kind)) in cfg.models.iter().zip(slots) {
                 let (served, _join) = startup::load(&cfg, m, kind).expect("model loads");
                 assert!(state.install(&name, served));
+                warmup::warm_up(&state, &name, &cfg.debug)
+                    .await
+                    .expect("warm-up");
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
