@@ -231,7 +231,7 @@ async fn bring_up(
                 .context("the loading task failed")??;
         state.install(&name, served);
         watch_engine(engine_thread, name.clone(), stop.clone());
-        tracing::info!(model = %name, path = %path.display(), "model loaded; warming up");
+        tracing::info!(model = %name, path = %path.display(), "model loaded");
         warmup::warm_up(state, &name, &cfg.debug)
             .await
             .map_err(|e| anyhow::anyhow!("the warm-up of `{name}` failed: {}", e.message))?;
