@@ -154,6 +154,9 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// Bytes of the paged KV cache of each chat model.
     pub kv_cache_bytes: usize,
+    /// Bytes of vision-encoder output each chat model keeps by image hash;
+    /// 0: no image cache.
+    pub image_cache_bytes: usize,
     /// Positions per KV block.
     pub block_size: usize,
     pub default_max_tokens: usize,

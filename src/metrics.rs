@@ -12,6 +12,7 @@ use prometheus::{
     IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::engine::image_cache::ImageCacheMetrics;
 use crate::engine::EngineStats;
 
 /// Every metric family of the process.
@@ -27,6 +28,9 @@ pub struct Metrics {
     e2e: HistogramVec,
     queue_time: HistogramVec,
     vision_time: HistogramVec,
+    image_cache_hits: IntCounterVec,
+    image_cache_misses: IntCounterVec,
+    image_cache_bytes: IntGaugeVec,
     batch_size: HistogramVec,
     running: IntGaugeVec,
     waiting: IntGaugeVec,
@@ -108,8 +112,26 @@ impl Metrics {
             vision_time: histogram(
                 r,
                 "mmserve:vision_encoder_time_seconds",
-                "Time of one engine step's vision-encoder batch.",
+                "Time of one engine step's vision-encoder batch (the images not in the image cache).",
                 seconds(),
+            ),
+            image_cache_hits: counter(
+                r,
+                "mmserve:image_cache_hits_total",
+                "Images whose encoder output came from the image cache (or from the same image \
+                 encoded in the same step).",
+                MODEL,
+            ),
+            image_cache_misses: counter(
+                r,
+                "mmserve:image_cache_misses_total",
+                "Images run through the vision encoder.",
+                MODEL,
+            ),
+            image_cache_bytes: gauge(
+                r,
+                "mmserve:image_cache_usage_bytes",
+                "Bytes of encoder output held by the image cache.",
             ),
             batch_size: histogram(
                 r,
@@ -184,6 +206,16 @@ impl Metrics {
             queue_time: self.queue_time.with_label_values(l),
             vision_time: self.vision_time.with_label_values(l),
             batch_size: self.batch_size.with_label_values(l),
+        }
+    }
+
+    /// The handles one model's image cache records into.
+    pub fn image_cache(&self, name: &str) -> ImageCacheMetrics {
+        let l = &[name];
+        ImageCacheMetrics {
+            hits: self.image_cache_hits.with_label_values(l),
+            misses: self.image_cache_misses.with_label_values(l),
+            bytes: self.image_cache_bytes.with_label_values(l),
         }
     }
 

@@ -5,44 +5,10 @@
 
 mod common;
 
+use common::scrape::{moved, sample, scrape};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llava-clip-llama";
-
-/// The scrape as text.
-async fn scrape(base: &str) -> String {
-    let resp = common::client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    assert_eq!(resp.status().as_u16(), 200);
-    let ctype = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    resp.text().await.expect("body")
-}
-
-/// The value of the sample `name` whose labels include every one of `labels`
-/// (0 when absent: a counter not yet touched).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(key, _)| {
-            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, v)| v.parse::<f64>().expect("sample value"))
-        .sum()
-}
-
-/// How much `name` (for this model, or with `labels`) moved between two scrapes.
-fn moved(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(after, name, labels) - sample(before, name, labels)
-}
 
 fn request(content: Value, max_tokens: u32, stream: bool) -> Value {
     json!({
@@ -119,6 +85,8 @@ async fn counters_and_histograms_move_with_requests() {
     }
     let vision = "mmserve:vision_encoder_time_seconds_count";
     assert_eq!(moved(&before, &after, vision, &m), 1.0);
+    let misses = "mmserve:image_cache_misses_total";
+    assert_eq!(moved(&before, &after, misses, &m), 1.0);
     let steps = moved(&before, &after, "mmserve:batch_size_count", &m);
     // At least one step per generated token, since requests ran one by one.
     assert!(steps >= total("completion_tokens"), "{steps} steps");

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use mmserve::api::Served;
 use mmserve::config::ModelKind;
-use mmserve::model::ImageInput;
+use mmserve::model::{ImageInput, KeyedImage};
 use mmserve::openai::request::ChatCompletionRequest;
 use mmserve::startup;
 
@@ -102,16 +102,16 @@ fn expected_pixels(
 }
 
 /// Our prepared images in the same layout as [`expected_pixels`].
-fn got_pixels(images: &[ImageInput]) -> Tensor {
+fn got_pixels(images: &[KeyedImage]) -> Tensor {
     let pixels: Vec<&Tensor> = images
         .iter()
-        .map(|i| match i {
+        .map(|i| match &i.input {
             ImageInput::Pixels(t)
             | ImageInput::Patches { patches: t, .. }
             | ImageInput::Tiles { pixels: t, .. } => t,
         })
         .collect();
-    match images.first() {
+    match images.first().map(|i| &i.input) {
         Some(ImageInput::Pixels(_)) => Tensor::stack(&pixels, 0).expect("stack"),
         _ => Tensor::cat(&pixels, 0).expect("cat"),
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
+use super::image_cache::ImageCache;
 use super::load::KvUsage;
 use super::scheduler::SchedulerConfig;
 use super::sequence::{Sequence, TextTools};
@@ -31,12 +32,16 @@ pub struct EngineParts {
     pub max_waiting: usize,
     /// Where each step's queue times, vision time and batch size go.
     pub metrics: EngineMetrics,
+    /// The vision encoder's outputs, by image key.
+    pub images: ImageCache,
 }
 
 /// State owned by the engine thread alone.
 pub struct EngineCore {
     pub(super) model: ChatModel,
     pub(super) cache: ChatCache,
+    /// Encoder rows of recent images, so a resent image is not encoded again.
+    pub(super) images: ImageCache,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) tokens: Arc<TokenTable>,
     pub(super) eos: Vec<u32>,
@@ -57,6 +62,7 @@ impl EngineCore {
         EngineCore {
             model: parts.model,
             cache: parts.cache,
+            images: parts.images,
             tokenizer: parts.tokenizer,
             tokens: parts.tokens,
             eos: parts.eos_token_ids,

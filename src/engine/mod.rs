@@ -4,6 +4,7 @@
 
 mod core;
 pub mod embed;
+pub mod image_cache;
 mod load;
 pub mod sampling;
 pub mod scheduler;
@@ -15,7 +16,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::model::ImageInput;
+use crate::model::KeyedImage;
 use tokio::sync::mpsc as tokio_mpsc;
 
 pub use self::core::{EngineCore, EngineParts};
@@ -27,8 +28,8 @@ pub use scheduler::SchedulerConfig;
 pub struct EngineRequest {
     /// Prompt ids with every image placeholder expanded to its feature rows.
     pub prompt_ids: Vec<u32>,
-    /// Preprocessed images in prompt order.
-    pub images: Vec<ImageInput>,
+    /// Preprocessed images in prompt order, with their cache keys.
+    pub images: Vec<KeyedImage>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     /// Tokens to generate before EOS or a stop string may end the sequence

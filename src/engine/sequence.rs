@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::model::ImageInput;
+use crate::model::KeyedImage;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
@@ -21,8 +21,9 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     /// How many of `tokens` are the prompt.
     prompt_len: usize,
-    /// Preprocessed images still to be encoded; emptied once encoded.
-    pub images: Vec<ImageInput>,
+    /// Preprocessed images still to be encoded (or found in the image cache);
+    /// emptied once their rows are in `image_rows`.
+    pub images: Vec<KeyedImage>,
     /// The encoder's rows for every image token of the prompt, (n, hidden), kept for the
     /// sequence's life: a preempted sequence is recomputed from them.
     pub image_rows: Option<Tensor>,
@@ -70,7 +71,7 @@ impl Sequence {
             id,
             prompt_len: req.prompt_ids.len(),
             tokens: req.prompt_ids,
-            grids: req.images.iter().filter_map(ImageInput::grid).collect(),
+            grids: req.images.iter().filter_map(|i| i.input.grid()).collect(),
             images: req.images,
             image_rows: None,
             cached: 0,

@@ -2,7 +2,8 @@
 //! `scheduler.rs`), preempt and admit as planned, encode the images of
 //! sequences starting their prefill in one vision batch, run one batched
 //! forward over every scheduled chunk, and hand each sequence whose chunk
-//! completes it its logits.
+//! completes it its logits. Images already in the image cache (see
+//! `image_cache.rs`) skip the encoder.
 //!
 //! An error or a panic in a batched call fails only the sequences that cause
 //! it: the batch is retried one sequence at a time and each sequence keeps its
@@ -19,7 +20,7 @@ use super::scheduler::{self, Blocks, Plan, SeqState};
 use super::sequence::{Progress, Sequence, TextTools};
 use super::{guarded, EngineError, TestHook};
 use crate::metrics::observe;
-use crate::model::{ImageInput, StepInput};
+use crate::model::{KeyedImage, StepInput};
 
 /// The fault a test asked for, if any sequence of a batch carries one.
 fn injected(seqs: &[&Sequence]) -> Result<(), EngineError> {
@@ -215,21 +216,25 @@ impl EngineCore {
         failed
     }
 
-    /// Encodes running sequences `which`' images in one vision batch; returns
-    /// each one's image rows (its image tokens, hidden), checked against the
-    /// image tokens of its prompt.
-    fn encode_images(&self, which: &[usize]) -> Result<Vec<Tensor>, EngineError> {
+    /// Encodes running sequences `which`' images in one vision batch, those
+    /// not in the image cache; returns each one's image rows (its image tokens,
+    /// hidden), checked against the image tokens of its prompt.
+    fn encode_images(&mut self, which: &[usize]) -> Result<Vec<Tensor>, EngineError> {
         let seqs: Vec<&Sequence> = which.iter().map(|&i| &self.running[i]).collect();
-        let images: Vec<&ImageInput> = seqs.iter().flat_map(|s| s.images.iter()).collect();
+        let images: Vec<&KeyedImage> = seqs.iter().flat_map(|s| s.images.iter()).collect();
         let err = |e: String| EngineError::Model(e);
-        let started = Instant::now();
+        let (model, vision_time) = (&self.model, &self.metrics.vision_time);
         // One (tokens_i, hidden) tensor per image, in order.
         let mut rows = self
-            .model
-            .encode_images(&images)
+            .images
+            .rows(&images, |fresh| {
+                let started = Instant::now();
+                let rows = model.encode_images(fresh);
+                observe(vision_time, started.elapsed());
+                rows
+            })
             .map_err(|e| err(e.to_string()))?
             .into_iter();
-        observe(&self.metrics.vision_time, started.elapsed());
         let image_token = self.model.image_token_id();
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {

@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 use super::read_json;
 use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig};
+use crate::engine::image_cache::ImageCache;
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::metrics::metrics;
 use crate::model::{ChatModel, KvCacheConfig};
@@ -97,6 +98,10 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         cache,
         max_waiting: cfg.engine.max_waiting,
         metrics: metrics().engine(&m.served_name()),
+        images: ImageCache::new(
+            cfg.engine.image_cache_bytes,
+            metrics().image_cache(&m.served_name()),
+        ),
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
     let serving = ChatServing {

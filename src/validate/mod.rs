@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use crate::engine::sampling::SamplingParams;
-use crate::model::ImageInput;
+use crate::model::KeyedImage;
 use crate::openai::request::ChatCompletionRequest;
 use crate::preprocess::ImageLimits;
 use crate::prompt::ChatTemplate;
@@ -83,8 +83,8 @@ pub struct Validator {
 /// A request the engine can run: one entry in `choices` per `n`.
 pub struct ValidChatRequest {
     pub prompt_ids: Vec<u32>,
-    /// Prepared images in prompt order.
-    pub images: Vec<ImageInput>,
+    /// Prepared images in prompt order, keyed.
+    pub images: Vec<KeyedImage>,
     /// Sampling per choice (they differ only by seed).
     pub choices: Vec<SamplingParams>,
     pub max_tokens: usize,
@@ -237,12 +237,12 @@ pub fn expand_placeholders(
 mod tests {
     use super::vision::Prepared;
     use super::{check_text_fits, expand_placeholders};
-    use crate::model::ImageInput;
+    use crate::model::{ImageInput, KeyedImage};
 
     fn image(tokens: usize, layout: Option<&str>) -> Prepared {
         let t = candle_core::Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu);
         Prepared {
-            input: ImageInput::Pixels(t.unwrap()),
+            input: KeyedImage::new(ImageInput::Pixels(t.unwrap())).unwrap(),
             tokens,
             layout: layout.map(str::to_string),
         }

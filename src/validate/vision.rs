@@ -5,7 +5,7 @@ use image::DynamicImage;
 
 use super::image::preprocess_error;
 use super::ValidationError;
-use crate::model::ImageInput;
+use crate::model::{ImageInput, KeyedImage};
 use crate::preprocess::{
     image_prompt_string, Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor,
     Qwen2VlImageProcessor,
@@ -32,7 +32,8 @@ pub enum VisionPrep {
 
 /// One prepared image.
 pub struct Prepared {
-    pub input: ImageInput,
+    /// The vision tower's input, keyed for the encoder-output cache.
+    pub input: KeyedImage,
     /// Copies of the placeholder token this image takes in the prompt.
     pub tokens: usize,
     /// The text that replaces the placeholder, when it is more than `tokens`
@@ -51,7 +52,7 @@ impl VisionPrep {
                     .preprocess(img)
                     .map_err(|e| preprocess_error(e, param))?;
                 Ok(Prepared {
-                    input: ImageInput::Pixels(pixels),
+                    input: keyed(ImageInput::Pixels(pixels))?,
                     tokens: *tokens_per_image,
                     layout: None,
                 })
@@ -62,10 +63,10 @@ impl VisionPrep {
                     .map_err(|e| preprocess_error(e, param))?;
                 Ok(Prepared {
                     tokens: processor.num_image_tokens(img.grid_thw),
-                    input: ImageInput::Patches {
+                    input: keyed(ImageInput::Patches {
                         patches: img.patches,
                         grid: img.grid_thw,
-                    },
+                    })?,
                     layout: None,
                 })
             }
@@ -88,12 +89,18 @@ impl VisionPrep {
                         *image_seq_len,
                         tokens,
                     )),
-                    input: ImageInput::Tiles {
+                    input: keyed(ImageInput::Tiles {
                         pixels: img.pixel_values,
                         mask: img.pixel_attention_mask,
-                    },
+                    })?,
                 })
             }
         }
     }
+}
+
+/// Keys a prepared input (hashes its values, here on the blocking thread).
+fn keyed(input: ImageInput) -> Result<KeyedImage, ValidationError> {
+    KeyedImage::new(input)
+        .map_err(|e| ValidationError::Internal(format!("cannot key the image: {e}")))
 }

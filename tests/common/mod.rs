@@ -6,6 +6,7 @@
 pub mod binary;
 pub mod fuzz;
 pub mod live;
+pub mod scrape;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
