@@ -33,7 +33,7 @@ pub struct EngineParts {
     /// Where each step's queue times, vision time and batch size go.
     pub metrics: EngineMetrics,
     /// The vision encoder's outputs, by image key.
-    pub images: ImageCache,
+    pub image_cache: ImageCache,
 }
 
 /// State owned by the engine thread alone.
@@ -41,7 +41,7 @@ pub struct EngineCore {
     pub(super) model: ChatModel,
     pub(super) cache: ChatCache,
     /// Encoder rows of recent images, so a resent image is not encoded again.
-    pub(super) images: ImageCache,
+    pub(super) image_cache: ImageCache,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) tokens: Arc<TokenTable>,
     pub(super) eos: Vec<u32>,
@@ -62,7 +62,7 @@ impl EngineCore {
         EngineCore {
             model: parts.model,
             cache: parts.cache,
-            images: parts.images,
+            image_cache: parts.image_cache,
             tokenizer: parts.tokenizer,
             tokens: parts.tokens,
             eos: parts.eos_token_ids,

@@ -226,7 +226,7 @@ impl EngineCore {
         let (model, vision_time) = (&self.model, &self.metrics.vision_time);
         // One (tokens_i, hidden) tensor per image, in order.
         let mut rows = self
-            .images
+            .image_cache
             .rows(&images, |fresh| {
                 let started = Instant::now();
                 let rows = model.encode_images(fresh);

@@ -98,7 +98,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         cache,
         max_waiting: cfg.engine.max_waiting,
         metrics: metrics().engine(&m.served_name()),
-        images: ImageCache::new(
+        image_cache: ImageCache::new(
             cfg.engine.image_cache_bytes,
             metrics().image_cache(&m.served_name()),
         ),
