@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::live::{finish_reason, long_request, stats, OpenStream};
+use common::live::{finish_reason, idle, long_request, stats, wait_for_stats, OpenStream};
 use common::{chat, content, expected_text, greedy, streamed_text};
 use mmserve::config::Config;
 use serde_json::Value;
@@ -26,9 +26,11 @@ fn squeezed() -> Config {
     cfg
 }
 
-/// After the load: nothing runs and every block is back in the pool.
+/// After the load: nothing runs and every block is back in the pool (once the
+/// engine has published the step that ended the last sequence: a client can
+/// read its last event before that).
 async fn assert_pool_empty(base: &str, model: &str) -> Value {
-    let s = stats(base, model).await;
+    let s = wait_for_stats(base, model, idle).await;
     assert_eq!(s["kv_blocks_total"], POOL_TOKENS / 4, "{model}: {s}");
     assert_eq!(
         (
