@@ -16,8 +16,14 @@ A request that errs or returns another token count than asked is counted and mak
 status 1. Every prompt starts with its own request number, and with Pillow installed every image
 gets a distinct marker, so no prefix or image cache can answer one request from another.
 
+The `repeat` kind measures what an image cache saves, one request at a time: a request with an
+image never sent before, then a second request with the same image (as a chat's next turn resends
+it), TTFT of each, for max(ROUNDS, 3) pairs after one unmeasured pair. Its prompts start with their
+own request number before the image, so a prefix cache cannot reuse the image's KV from the first
+request: only its encoder output can be reused. Needs Pillow (for images no other request sends).
+
     python bench/loadgen.py BASE_URL MODEL --image photo.jpg [--pid PID] [--concurrency 1,4,16]
-        [--kinds text,image] [--max-tokens 64] [--rounds 2] [--json out.json]
+        [--kinds text,image,repeat] [--max-tokens 64] [--rounds 2] [--json out.json]
 
 Needs httpx (installed with the openai SDK, as httpx or httpx2); Pillow optional.
 """
@@ -47,7 +53,7 @@ def parse():
     p.add_argument("base")
     p.add_argument("model")
     p.add_argument("--image", help="an image file for the image workload (512x512 in the benchmark)")
-    p.add_argument("--kinds", default="text,image")
+    p.add_argument("--kinds", default="text,image", help="text, image, repeat (comma-separated)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
@@ -81,15 +87,18 @@ def reset_hwm(pid):
         return False
 
 
-def marked(base, i):
-    """A copy of the PIL image `base` with an 8x8 marker of its own in the corner."""
+def marked(base, i, corner):
+    """A copy of the PIL image `base` with an 8x8 marker of its own in the top-left corner, or
+    with `corner` in the bottom-right one."""
     img = base.copy()
-    img.paste((i * 37 % 256, i * 91 % 256, i * 13 % 256), (0, 0, 8, 8))
+    x, y = (img.width - 8, img.height - 8) if corner else (0, 0)
+    img.paste((i * 37 % 256, i * 91 % 256, i * 13 % 256), (x, y, x + 8, y + 8))
     return img
 
 
-def distinct_images(path, count):
-    """`count` data URLs of the image, each with its own marker when Pillow is there."""
+def distinct_images(path, count, corner=False):
+    """`count` data URLs of the image, each with its own marker when Pillow is there (markers in
+    the other corner with `corner`: a set of images distinct from the first)."""
     raw = open(path, "rb").read()
     try:
         from PIL import Image
@@ -99,11 +108,48 @@ def distinct_images(path, count):
     base = Image.open(io.BytesIO(raw)).convert("RGB")
     urls = []
     for i in range(count):
-        img = marked(base, i)
+        img = marked(base, i, corner)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
     return urls, True
+
+
+def repeat_body(args, n, image_url):
+    """A request whose text before the image is its own, for the `repeat` kind."""
+    content = [{"type": "text", "text": f"Request {n}. Look at this picture."},
+               {"type": "image_url", "image_url": {"url": image_url}},
+               {"type": "text", "text": IMAGE_TEXT}]
+    return {"model": args.model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+            "min_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def repeat_pairs(args, client, counter):
+    """TTFT of a request with a new image, then of one with the same image again, pair by pair."""
+    pairs = max(args.rounds, 3)
+    images, distinct = distinct_images(args.image, pairs + 1, corner=True)
+    if not distinct:
+        sys.exit("the repeat workload needs Pillow (images no other request sends)")
+    url = f"{args.base.rstrip('/')}/v1/chat/completions"
+    first, again, errors = [], [], []
+    for i, image in enumerate(images):
+        try:
+            ttft = [(await one_request(client, url, repeat_body(args, next(counter), image)))[0]
+                    for _ in range(2)]
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        if i > 0:  # the first pair warms up
+            first.append(ttft[0])
+            again.append(ttft[1])
+    med = (lambda xs: statistics.median(xs) if xs else None)
+    r = {"pairs": pairs, "errors": len(errors), "error_sample": errors[:3],
+         "ttft_first_median_s": med(first), "ttft_repeat_median_s": med(again),
+         "ttft_first_s": first, "ttft_repeat_s": again}
+    print(f"repeat pairs={pairs} TTFT first med {r['ttft_first_median_s'] or 0:7.3f} s  "
+          f"repeat med {r['ttft_repeat_median_s'] or 0:7.3f} s  errors {len(errors)}", flush=True)
+    return r
 
 
 def request_body(args, kind, n, image_url):
@@ -198,11 +244,16 @@ async def run(args):
         if not args.image:
             sys.exit("--image is needed for the image workload")
         images, distinct = distinct_images(args.image, 2 * max(levels) * args.rounds + 8)
+    if "repeat" in kinds and not args.image:
+        sys.exit("--image is needed for the repeat workload")
     out = {"base": args.base, "model": args.model, "max_tokens": args.max_tokens,
            "distinct_images": distinct, "rss_after_load_mb": None, "levels": []}
     limits = httpx.Limits(max_connections=max(levels) + 4)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         for kind in kinds:
+            if kind == "repeat":
+                out["repeat"] = await repeat_pairs(args, client, counter)
+                continue
             # Warm-up: one request of the kind, not measured.
             n = next(counter)
             url = f"{args.base.rstrip('/')}/v1/chat/completions"
@@ -231,6 +282,9 @@ def main():
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     bad = [lv for lv in out["levels"] if lv["errors"] or lv["wrong_token_count"]]
+    if out.get("repeat", {}).get("errors"):
+        print(f"FAILED repeat: {out['repeat']['error_sample']}", file=sys.stderr)
+        bad.append(out["repeat"])
     for lv in bad:
         print(f"FAILED {lv['kind']} c={lv['concurrency']}: {lv['errors']} errors {lv['error_sample']}, "
               f"{lv['wrong_token_count']} with another token count than {args.max_tokens}", file=sys.stderr)
