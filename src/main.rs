@@ -3,12 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use mmserve::api::{lifecycle, warmup, AppState};
 use mmserve::config::{Config, Dtype, LogFormat, ModelConfig, ModelKind};
 use mmserve::startup::demo;
@@ -16,7 +17,14 @@ use tokio::sync::mpsc;
 
 /// An OpenAI-compatible inference server for vision-language models.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "With no command, mmserve runs `mmserve serve` with its defaults (the embedded \
+                  demo models on 127.0.0.1:8000). `mmserve serve --help` lists every flag with \
+                  its environment variable and default."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -28,6 +36,8 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// The flags of `serve`. Each one left out keeps the config file's value; the
+/// defaults shown in `--help` are the compiled-in config's ([`flag_defaults`]).
 #[derive(clap::Args, Debug, Default)]
 struct ServeArgs {
     /// A TOML config file; keys it leaves out keep the defaults of config/mmserve.toml.
@@ -35,31 +45,28 @@ struct ServeArgs {
     config: Option<PathBuf>,
     /// A local Hugging Face model directory (config.json, *.safetensors, tokenizer.json, ...);
     /// repeat to serve several models (chat and embedding). Replaces the config's [[models]].
-    /// With no model here or in the config, the embedded demo models are served
-    /// (`mmserve-demo`, chat, and `mmserve-demo-clip`, embeddings).
     #[arg(long, env = "MMSERVE_MODEL")]
     model: Vec<PathBuf>,
-    /// The model name clients send in `model` (default: the directory's name); with one --model.
-    #[arg(long)]
+    /// The model name clients send in `model`; with one --model.
+    #[arg(long, env = "MMSERVE_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Address to listen on (default 127.0.0.1; 0.0.0.0 in containers).
+    /// Address to listen on (0.0.0.0 in containers).
     #[arg(long, env = "MMSERVE_HOST")]
     host: Option<String>,
-    /// Port to listen on (default 8000).
+    /// Port to listen on.
     #[arg(long, env = "MMSERVE_PORT")]
     port: Option<u16>,
-    /// Log lines as `text` or `json` (one object per line) [default: the
-    /// config's `server.log_format`, text].
+    /// Log lines as `text` or `json` (one object per line).
     #[arg(long, env = "MMSERVE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
-    /// Compute dtype of every model given by --model (default f32; bf16 is slow on CPUs).
-    #[arg(long, value_enum)]
+    /// Compute dtype of every model given by --model (bf16 is slow on CPUs).
+    #[arg(long, env = "MMSERVE_DTYPE", value_enum)]
     dtype: Option<Dtype>,
     /// Most sequences decoded together in one engine step.
-    #[arg(long)]
+    #[arg(long, env = "MMSERVE_MAX_NUM_SEQS")]
     max_num_seqs: Option<usize>,
     /// Most tokens in one forward pass.
-    #[arg(long)]
+    #[arg(long, env = "MMSERVE_MAX_BATCHED_TOKENS")]
     max_batched_tokens: Option<usize>,
     /// An API key clients must send as `Authorization: Bearer KEY` (repeatable, or
     /// comma-separated in the environment variable); added to the config's keys.
@@ -70,6 +77,43 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+}
+
+/// What each `serve` flag stands for when left out, by argument id: the
+/// compiled-in config's values (config/mmserve.toml), which a config file may change.
+fn flag_defaults() -> Vec<(&'static str, String)> {
+    let Ok(d) = Config::load(None) else {
+        return Vec::new();
+    };
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map_or(String::new(), |v| v.get_name().to_string())
+    };
+    vec![
+        ("config", "none: the compiled-in config/mmserve.toml".into()),
+        ("model", "the config's [[models]]; with none, the embedded demo models mmserve-demo (chat) and mmserve-demo-clip (embeddings)".into()),
+        ("served_model_name", "the directory's name".into()),
+        ("host", format!("{} (server.host)", d.server.host)),
+        ("port", format!("{} (server.port)", d.server.port)),
+        ("log_format", format!("{} (server.log_format)", name(d.server.log_format.to_possible_value()))),
+        ("dtype", format!("{} (models' dtype)", name(Dtype::default().to_possible_value()))),
+        ("max_num_seqs", format!("{} (engine.max_num_seqs)", d.engine.max_num_seqs)),
+        ("max_batched_tokens", format!("{} (engine.max_batched_tokens)", d.engine.max_batched_tokens)),
+        ("api_keys", "none (server.api_keys and server.api_keys_file still apply)".into()),
+    ]
+}
+
+/// The command line, each `serve` flag's help ending with its default.
+fn command() -> clap::Command {
+    let defaults = flag_defaults();
+    Cli::command().mut_subcommand("serve", |mut serve| {
+        for (id, value) in &defaults {
+            serve = serve.mut_arg(*id, |a| {
+                let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+                a.help(format!("{help} [default: {value}]"))
+            });
+        }
+        serve
+    })
 }
 
 impl ServeArgs {
@@ -133,8 +177,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, no backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         None => ServeArgs::default(),
@@ -171,9 +226,14 @@ async fn serve(cfg: Config) -> Result<()> {
     }
     let kinds: Vec<_> = slots.iter().map(|s| s.1).collect();
     let state = Arc::new(AppState::new(slots, &cfg.server));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "cannot listen on {addr}: the port is already in use (another server? choose a \
+             port with --port or MMSERVE_PORT)"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
+    };
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(
         %addr,

@@ -1,6 +1,6 @@
-//! The real binary's JSON logs: a request's log line carries its request id
-//! (the client's `x-request-id`, or a new one returned in that header) and
-//! never the prompt's text.
+//! The real binary's JSON logs: the weights' size and load time at start-up; a
+//! request's log line carries its request id (the client's `x-request-id`, or a
+//! new one returned in that header) and never the prompt's text.
 #![cfg(unix)]
 
 mod common;
@@ -74,6 +74,14 @@ async fn chat(base: &str, id: Option<&str>) -> reqwest::Response {
 #[tokio::test]
 async fn a_request_is_logged_with_its_id_and_without_its_prompt() {
     let (mut child, base, rx) = start();
+    // Start-up progress: the weights' size before they load, the time after.
+    let loading = wait_for(&rx, |l| l["fields"]["message"] == "loading weights");
+    let weights = common::model_dir(MODEL).join("model.safetensors");
+    let bytes = std::fs::metadata(weights).unwrap().len();
+    assert_eq!(loading["fields"]["bytes"], bytes, "{loading}");
+    assert_eq!(loading["fields"]["files"], 1, "{loading}");
+    let loaded = wait_for(&rx, |l| l["fields"]["message"] == "weights loaded");
+    assert!(loaded["fields"]["elapsed_ms"].is_u64(), "{loaded}");
     wait_for(&rx, |l| l["fields"]["message"] == "model loaded");
 
     let resp = chat(&base, Some("req-abc-123")).await;

@@ -5,6 +5,7 @@
 mod chat;
 pub mod demo;
 mod embed;
+mod progress;
 
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -18,6 +19,9 @@ use crate::model::CHAT_MODEL_TYPES;
 /// What a model directory serves: from the configured kind, else from
 /// `config.json`'s `model_type`.
 pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
+    if !m.path.is_dir() {
+        bail!("the model directory {} does not exist", m.path.display());
+    }
     let path = m.path.join("config.json");
     let Some(json) = read_json(&path)? else {
         bail!(
@@ -27,6 +31,10 @@ pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
         );
     };
     let model_type = json["model_type"].as_str().unwrap_or("");
+    let architectures = match &json["architectures"] {
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
     let detected = if CHAT_MODEL_TYPES.contains(&model_type) {
         Some(ModelKind::Chat)
     } else if ["clip", "siglip"].contains(&model_type) {
@@ -37,8 +45,9 @@ pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
     match (m.kind, detected) {
         (KindSetting::Auto, Some(kind)) => Ok(kind),
         (KindSetting::Auto, None) => bail!(
-            "unsupported model_type `{model_type}` in {}: mmserve serves {} (chat), clip and \
-             siglip (embedding)",
+            "unsupported model_type '{model_type}' (architectures: {}) in {}: mmserve serves {} \
+             (chat), clip and siglip (embedding)",
+            architectures.join(", "),
             path.display(),
             CHAT_MODEL_TYPES.join(", ")
         ),
@@ -53,7 +62,8 @@ pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
 
 /// Loads one model of a known kind and starts its engine thread.
 pub fn load(cfg: &Config, m: &ModelConfig, kind: ModelKind) -> Result<(Served, JoinHandle<()>)> {
-    Ok(match kind {
+    let progress = progress::start(&m.served_name(), &m.path);
+    let loaded = match kind {
         ModelKind::Chat => {
             let (s, j) = chat::load(cfg, m)?;
             (Served::Chat(s), j)
@@ -62,7 +72,9 @@ pub fn load(cfg: &Config, m: &ModelConfig, kind: ModelKind) -> Result<(Served, J
             let (s, j) = embed::load(cfg, m)?;
             (Served::Embed(s), j)
         }
-    })
+    };
+    progress.done();
+    Ok(loaded)
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {

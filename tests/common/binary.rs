@@ -26,6 +26,11 @@ pub fn command() -> Command {
         "MMSERVE_HOST",
         "MMSERVE_PORT",
         "MMSERVE_LOG_FORMAT",
+        "MMSERVE_SERVED_MODEL_NAME",
+        "MMSERVE_DTYPE",
+        "MMSERVE_MAX_NUM_SEQS",
+        "MMSERVE_MAX_BATCHED_TOKENS",
+        "MMSERVE_API_KEYS",
     ] {
         c.env_remove(var);
     }
