@@ -38,8 +38,8 @@ pub struct Metrics {
     kv_blocks_used: IntGaugeVec,
     kv_blocks_total: IntGaugeVec,
     kv_usage: GaugeVec,
-    cancelled: IntGaugeVec,
-    preempted: IntGaugeVec,
+    cancelled: IntCounterVec,
+    preempted: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -70,7 +70,8 @@ impl Metrics {
             prompt_tokens: counter(
                 r,
                 "mmserve:prompt_tokens_total",
-                "Prompt tokens of finished chat requests, image tokens included.",
+                "Prompt tokens of finished chat requests (image tokens included) and text tokens \
+                 of embedding requests.",
                 MODEL,
             ),
             generation_tokens: counter(
@@ -165,15 +166,17 @@ impl Metrics {
                 "mmserve:kv_cache_usage_perc",
                 "Fraction of the KV cache blocks in use (0 to 1).",
             ),
-            cancelled: gauge(
+            cancelled: counter(
                 r,
-                "mmserve:num_requests_cancelled",
-                "Sequences dropped so far because their client went away.",
+                "mmserve:num_requests_cancelled_total",
+                "Sequences dropped because their client went away.",
+                MODEL,
             ),
-            preempted: gauge(
+            preempted: counter(
                 r,
-                "mmserve:num_preemptions",
-                "Preemptions so far (KV blocks freed, the sequence recomputed later).",
+                "mmserve:num_preemptions_total",
+                "Preemptions (KV blocks freed, the sequence recomputed later).",
+                MODEL,
             ),
             registry,
         }
@@ -206,6 +209,8 @@ impl Metrics {
             queue_time: self.queue_time.with_label_values(l),
             vision_time: self.vision_time.with_label_values(l),
             batch_size: self.batch_size.with_label_values(l),
+            cancelled: self.cancelled.with_label_values(l),
+            preempted: self.preempted.with_label_values(l),
         }
     }
 
@@ -231,8 +236,6 @@ impl Metrics {
         set(&self.kv_bytes, s.kv_cache_bytes);
         set(&self.kv_blocks_used, s.kv_blocks_used);
         set(&self.kv_blocks_total, s.kv_blocks_total);
-        set(&self.cancelled, s.cancelled);
-        set(&self.preempted, s.preempted);
         let usage = match s.kv_blocks_total {
             0 => 0.0,
             total => s.kv_blocks_used as f64 / total as f64,
@@ -250,7 +253,7 @@ impl Metrics {
     }
 }
 
-/// What the API records for one chat model.
+/// What the API records for one model (embedding models: prompt tokens only).
 #[derive(Clone)]
 pub struct ModelMetrics {
     pub prompt_tokens: IntCounter,
@@ -267,6 +270,9 @@ pub struct EngineMetrics {
     pub queue_time: Histogram,
     pub vision_time: Histogram,
     pub batch_size: Histogram,
+    /// Counted by the engine's shared [`EngineLoad`](crate::engine::EngineLoad) as they happen.
+    pub cancelled: IntCounter,
+    pub preempted: IntCounter,
 }
 
 /// Observes a duration in seconds.

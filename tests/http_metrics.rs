@@ -1,14 +1,16 @@
-//! `GET /metrics` through real HTTP: after a few chat requests the counters
-//! moved by exactly what the responses report and the histograms have
-//! observations. The registry is process-wide, so this binary runs one test
-//! against one server.
+//! `GET /metrics` through real HTTP: after a few chat and embedding requests
+//! the counters moved by exactly what the responses report and the histograms
+//! have observations; a client that leaves moves the cancellation counter. The
+//! registry is process-wide, so this binary runs one test against one server.
 
 mod common;
 
+use common::live::{idle, long_request, wait_for_stats, OpenStream};
 use common::scrape::{moved, sample, scrape};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llava-clip-llama";
+const EMBED: &str = "clip-tiny";
 
 fn request(content: Value, max_tokens: u32, stream: bool) -> Value {
     json!({
@@ -23,7 +25,7 @@ fn request(content: Value, max_tokens: u32, stream: bool) -> Value {
 
 #[tokio::test]
 async fn counters_and_histograms_move_with_requests() {
-    let base = common::start(common::config(&[MODEL]));
+    let base = common::start(common::config(&[MODEL, EMBED]));
     let before = scrape(&base).await;
 
     let with_image = json!([
@@ -47,6 +49,15 @@ async fn counters_and_histograms_move_with_requests() {
     usages.push(usage["usage"].clone());
     let (status, _) = common::get(&base, "/v1/no-such-route").await;
     assert_eq!(status, 404);
+    let embedded = common::client()
+        .post(format!("{base}/v1/embeddings"))
+        .json(&json!({"model": EMBED, "input": ["a red square", "two blue circles"]}))
+        .send()
+        .await
+        .expect("embeddings");
+    assert_eq!(embedded.status().as_u16(), 200);
+    let embedded: Value = embedded.json().await.expect("embeddings JSON");
+    let embed_tokens = embedded["usage"]["prompt_tokens"].as_f64().unwrap();
 
     let after = scrape(&base).await;
     let m = [("model_name", MODEL)];
@@ -73,6 +84,12 @@ async fn counters_and_histograms_move_with_requests() {
     assert_eq!(
         moved(&before, &after, "mmserve:image_inputs_total", &m),
         1.0
+    );
+    let e = [("model_name", EMBED)];
+    assert!(embed_tokens > 0.0);
+    assert_eq!(
+        moved(&before, &after, "mmserve:prompt_tokens_total", &e),
+        embed_tokens
     );
     for h in [
         "mmserve:time_to_first_token_seconds",
@@ -107,4 +124,22 @@ async fn counters_and_histograms_move_with_requests() {
     let blocks = sample(&after, "mmserve:kv_cache_blocks_total", &m);
     assert!(blocks > 0.0, "{blocks} KV blocks");
     assert_eq!(sample(&after, "mmserve:kv_cache_blocks_used", &m), 0.0);
+
+    // Cancellations and preemptions are counters; a client that leaves counts once.
+    for family in [
+        "mmserve:num_requests_cancelled_total",
+        "mmserve:num_preemptions_total",
+    ] {
+        assert!(
+            after.contains(&format!("# TYPE {family} counter")),
+            "{family}"
+        );
+    }
+    let mut stream = OpenStream::open(&base, &long_request(MODEL, 4000, true), &[]).await;
+    stream.until_text().await;
+    drop(stream);
+    wait_for_stats(&base, MODEL, |s| idle(s) && s["cancelled"] == 1).await;
+    let end = scrape(&base).await;
+    let cancelled = "mmserve:num_requests_cancelled_total";
+    assert_eq!(moved(&after, &end, cancelled, &m), 1.0);
 }

@@ -26,6 +26,10 @@ pub async fn embeddings(
     let validator = Arc::clone(&serving.validator);
     let valid = off_runtime(move || validator.validate(req)).await?;
     let vectors = serving.engine.embed(valid.inputs).await?;
+    serving
+        .metrics
+        .prompt_tokens
+        .inc_by(valid.prompt_tokens as u64);
     let data = vectors
         .into_iter()
         .enumerate()

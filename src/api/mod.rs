@@ -54,6 +54,8 @@ pub struct ChatServing {
 pub struct EmbedServing {
     pub validator: Arc<EmbedValidator>,
     pub engine: EmbedHandle,
+    /// Where its requests' prompt tokens are counted.
+    pub metrics: ModelMetrics,
 }
 
 /// A model once loaded.

@@ -69,7 +69,7 @@ impl EngineCore {
             sched: parts.scheduler,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            load: Arc::new(EngineLoad::new(parts.max_waiting)),
+            load: Arc::new(EngineLoad::new(parts.max_waiting).counting(&parts.metrics)),
             metrics: parts.metrics,
             next_id: 0,
         }

@@ -7,6 +7,10 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use prometheus::IntCounter;
+
+use crate::metrics::EngineMetrics;
+
 /// A snapshot of an engine's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -48,6 +52,8 @@ pub struct EngineLoad {
     max_waiting: usize,
     /// Cleared when the engine thread ends, normally or by a panic.
     alive: AtomicBool,
+    /// `/metrics` counters of cancellations and preemptions, if any.
+    counters: Option<(IntCounter, IntCounter)>,
 }
 
 /// Held by an engine thread for its whole life: dropping it (on return or
@@ -72,7 +78,14 @@ impl EngineLoad {
             preempted: AtomicUsize::new(0),
             max_waiting,
             alive: AtomicBool::new(true),
+            counters: None,
         }
+    }
+
+    /// Also counts cancellations and preemptions in `metrics`' counters.
+    pub fn counting(mut self, metrics: &EngineMetrics) -> Self {
+        self.counters = Some((metrics.cancelled.clone(), metrics.preempted.clone()));
+        self
     }
 
     /// False once the engine thread has ended.
@@ -117,6 +130,9 @@ impl EngineLoad {
     /// `n` sequences were dropped because their client went away.
     pub fn cancelled(&self, n: usize) {
         self.cancelled.fetch_add(n, Ordering::SeqCst);
+        if let Some((cancelled, _)) = &self.counters {
+            cancelled.inc_by(n as u64);
+        }
     }
 
     /// `n` preempted sequences went back to the waiting queue (not bounded by
@@ -124,6 +140,9 @@ impl EngineLoad {
     pub fn requeued(&self, n: usize) {
         self.waiting.fetch_add(n, Ordering::SeqCst);
         self.preempted.fetch_add(n, Ordering::SeqCst);
+        if let Some((_, preempted)) = &self.counters {
+            preempted.inc_by(n as u64);
+        }
     }
 
     /// Published by the engine thread before each step.

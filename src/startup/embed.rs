@@ -11,6 +11,7 @@ use tokenizers::Tokenizer;
 use crate::api::EmbedServing;
 use crate::config::{Config, ModelConfig};
 use crate::engine::embed::EmbedHandle;
+use crate::metrics::metrics;
 use crate::model::embed::EmbeddingModel;
 use crate::preprocess::{read_image_processor, ImageProcessor};
 use crate::text::TokenTable;
@@ -44,6 +45,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
     let serving = EmbedServing {
         validator: Arc::new(validator),
         engine,
+        metrics: metrics().model(&m.served_name()),
     };
     Ok((serving, join))
 }
