@@ -135,7 +135,8 @@ async fn counters_and_histograms_move_with_requests() {
             "{family}"
         );
     }
-    let mut stream = OpenStream::open(&base, &long_request(MODEL, 4000, true), &[]).await;
+    // 400 tokens: longer than it takes to drop the stream, within the model's 512 positions.
+    let mut stream = OpenStream::open(&base, &long_request(MODEL, 400, true), &[]).await;
     stream.until_text().await;
     drop(stream);
     wait_for_stats(&base, MODEL, |s| idle(s) && s["cancelled"] == 1).await;
