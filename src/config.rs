@@ -87,6 +87,9 @@ pub struct ModelConfig {
     pub kind: KindSetting,
     #[serde(default)]
     pub dtype: Dtype,
+    /// Quantize the decoder's projections at load; `None`: keep `dtype`.
+    #[serde(default)]
+    pub quantize: Option<Quantize>,
 }
 
 impl ModelConfig {
@@ -96,6 +99,7 @@ impl ModelConfig {
             name: String::new(),
             kind: KindSetting::Auto,
             dtype: Dtype::F32,
+            quantize: None,
         }
     }
 
@@ -143,6 +147,32 @@ impl Dtype {
             Dtype::F32 => candle_core::DType::F32,
             Dtype::F16 => candle_core::DType::F16,
             Dtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// A GGML block type for the decoder's projections (`--quantize`): bits per weight
+/// 8.5 (Q8_0, blocks of 32 inputs), 4.5 (Q4K) and 6.56 (Q6K, blocks of 256 inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum Quantize {
+    #[serde(rename = "q8_0")]
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4k")]
+    #[value(name = "q4k")]
+    Q4K,
+    #[serde(rename = "q6k")]
+    #[value(name = "q6k")]
+    Q6K,
+}
+
+impl Quantize {
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4K => GgmlDType::Q4K,
+            Quantize::Q6K => GgmlDType::Q6K,
         }
     }
 }
@@ -332,6 +362,14 @@ impl Config {
                 "server.cors_allow_origins: `{o}` is not `*` or an http(s) origin"
             )));
         }
+        if let Some(m) = self.models.iter().find(|m| m.dtype == Dtype::Bf16) {
+            // candle has no bf16 matmul on CPU: every product would widen both sides to f32.
+            return Err(ConfigError::Invalid(format!(
+                "model {}: dtype bf16 is about 15 times slower than f32 on CPU; use f32 or \
+                 f16 (bf16 checkpoints are converted when loaded)",
+                m.path.display()
+            )));
+        }
         let mut names: Vec<String> = self.models.iter().map(|m| m.served_name()).collect();
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -379,7 +417,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mmserve-cfgm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("m.toml");
-        let two = "[[models]]\npath = \"/m/a\"\n[[models]]\npath = \"/m/b\"\nkind = \"embedding\"\ndtype = \"f16\"\n";
+        let two = "[[models]]\npath = \"/m/a\"\nquantize = \"q8_0\"\n[[models]]\npath = \"/m/b\"\nkind = \"embedding\"\ndtype = \"f16\"\n";
         std::fs::write(&f, two).unwrap();
         let cfg = Config::load(Some(&f)).unwrap();
         assert_eq!(cfg.models.len(), 2);
@@ -387,6 +425,14 @@ mod tests {
         assert_eq!(cfg.models[0].dtype, Dtype::F32);
         assert_eq!(cfg.models[1].kind, KindSetting::Embedding);
         assert_eq!(cfg.models[1].dtype, Dtype::F16);
+        assert_eq!(cfg.models[0].quantize, Some(Quantize::Q8_0));
+        assert_eq!(cfg.models[1].quantize, None);
+        std::fs::write(&f, "[[models]]\npath = \"/m/a\"\ndtype = \"bf16\"\n").unwrap();
+        let err = Config::load(Some(&f)).err().map(|e| e.to_string());
+        assert!(
+            err.is_some_and(|e| e.contains("bf16")),
+            "bf16 compute is refused"
+        );
         std::fs::write(
             &f,
             "[[models]]\npath = \"/x/a\"\n[[models]]\npath = \"/y/a\"\n",

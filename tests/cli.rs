@@ -162,3 +162,15 @@ fn an_unsupported_architecture_is_one_line() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dtype_and_quantize_values_are_checked() {
+    let model = common::model_dir("llava-clip-llama");
+    let model = model.to_str().unwrap();
+    let (ok, text) = mmserve(&["serve", "--model", model, "--port", "0", "--dtype", "bf16"]);
+    assert!(!ok);
+    assert!(text.contains("bf16") && text.contains("f16"), "{text}");
+    let (ok, text) = mmserve(&["serve", "--model", model, "--quantize", "q5"]);
+    assert!(!ok);
+    assert!(text.contains("q8_0") && text.contains("q4k"), "{text}");
+}

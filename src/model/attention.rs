@@ -2,11 +2,13 @@
 //! token of the step; rotary, cache append and the causal (optionally sliding-window) softmax
 //! run per sequence, so a sequence's result does not depend on its batch neighbours.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::rotary_emb::rope_thd;
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::kv_cache::KvCache;
+use super::linear::{Linear, QuantReport};
 use super::text_config::TextConfig;
 
 /// One sequence's slice of a flattened step.
@@ -80,10 +82,10 @@ impl SelfAttention {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q: linear_b(d, heads * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k: linear_b(d, kv_heads * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v: linear_b(d, kv_heads * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
-            o: linear_b(heads * hd, d, cfg.o_bias, vb.pp("o_proj"))?,
+            q: Linear::load(d, heads * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k: Linear::load(d, kv_heads * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v: Linear::load(d, kv_heads * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o: Linear::load(heads * hd, d, cfg.o_bias, vb.pp("o_proj"))?,
             heads,
             kv_heads,
             head_dim: hd,
@@ -155,6 +157,14 @@ impl SelfAttention {
             .reshape((self.heads, t, hd))?
             .transpose(0, 1)?
             .reshape((t, self.heads * hd))
+    }
+
+    /// Quantizes the q/k/v/o projections in place.
+    pub fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.o] {
+            l.quantize(dtype, report)?;
+        }
+        Ok(())
     }
 
     /// Key/value heads and their width, for sizing the cache.

@@ -2,12 +2,14 @@
 //! every sequence goes through each layer's matmuls together; only each sequence's last token
 //! reaches the final norm and `lm_head`.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear_b, Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::activation::Activation;
 use super::attention::{SelfAttention, Span};
 use super::kv_cache::{KvCache, KvCacheConfig, KvShape};
+use super::linear::{Linear, QuantReport};
 use super::norm::RmsNorm;
 use super::rope::Rotary;
 use super::text_config::TextConfig;
@@ -24,9 +26,9 @@ impl Mlp {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (d, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate: linear_b(d, i, b, vb.pp("gate_proj"))?,
-            up: linear_b(d, i, b, vb.pp("up_proj"))?,
-            down: linear_b(i, d, b, vb.pp("down_proj"))?,
+            gate: Linear::load(d, i, b, vb.pp("gate_proj"))?,
+            up: Linear::load(d, i, b, vb.pp("up_proj"))?,
+            down: Linear::load(i, d, b, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
         })
     }
@@ -35,6 +37,13 @@ impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = (self.act.apply(&self.gate.forward(xs)?)? * self.up.forward(xs)?)?;
         self.down.forward(&h)
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+        for l in [&mut self.gate, &mut self.up, &mut self.down] {
+            l.quantize(dtype, report)?;
+        }
+        Ok(())
     }
 }
 
@@ -85,9 +94,20 @@ impl TextModel {
             embed: Embedding::new(embed_weight, d),
             layers,
             norm: RmsNorm::load(d, cfg.rms_norm_eps, body.pp("norm"))?,
-            lm_head: Linear::new(head_weight, None),
+            lm_head: Linear::from_weight(head_weight),
             rotary: Rotary::new(&cfg.rope, cfg.head_dim, body.device())?,
         })
+    }
+
+    /// Quantizes every layer's attention and MLP projections in place (the embeddings, norms
+    /// and `lm_head` stay as loaded: the head's rounding would land on the logits unscaled).
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport> {
+        let mut report = QuantReport::default();
+        for layer in &mut self.layers {
+            layer.attn.quantize(dtype, &mut report)?;
+            layer.mlp.quantize(dtype, &mut report)?;
+        }
+        Ok(report)
     }
 
     pub fn num_layers(&self) -> usize {

@@ -4,12 +4,13 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::idefics3::Idefics3Model;
 use super::json;
 use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
-use super::{KvCache, KvCacheConfig, LlavaModel, ModelError, SeqInput};
+use super::{KvCache, KvCacheConfig, LlavaModel, ModelError, QuantReport, SeqInput};
 
 /// One preprocessed image in the shape its family's vision tower takes.
 #[derive(Debug, Clone)]
@@ -99,6 +100,16 @@ impl ChatModel {
                 what: "model_type",
                 name: format!("{other} (in {})", path.display()),
             }),
+        }
+    }
+
+    /// Quantizes the decoder's projections to `dtype` in place, repacked for the CPU kernels;
+    /// the vision tower stays as loaded.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport, ModelError> {
+        match self {
+            ChatModel::Llava(m) => m.quantize(dtype),
+            ChatModel::Qwen2Vl(m) => m.quantize(dtype),
+            ChatModel::Idefics3(m) => m.quantize(dtype),
         }
     }
 

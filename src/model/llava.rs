@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear_b, Linear, VarBuilder};
 
@@ -12,6 +13,7 @@ use super::batch::{Limits, SeqInput};
 use super::config::{FeatureSelect, LlavaConfig};
 use super::decoder::TextModel;
 use super::kv_cache::{KvCache, KvCacheConfig};
+use super::linear::QuantReport;
 use super::splice::Spliced;
 use super::vision::VisionTower;
 use super::weights::{self, Layout};
@@ -106,6 +108,12 @@ impl LlavaModel {
     /// Vision tower input height = width.
     pub fn image_size(&self) -> usize {
         self.config.vision.image_size
+    }
+
+    /// Quantizes the decoder's projections in place (see [`crate::model::QuantReport`]);
+    /// the vision tower and projector stay as loaded.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport, ModelError> {
+        Ok(self.text.quantize(dtype)?)
     }
 
     /// Longest sequence (prompt + generated) the decoder was configured for

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::read_json;
 use crate::api::ChatServing;
-use crate::config::{Config, ModelConfig};
+use crate::config::{Config, ModelConfig, Quantize};
 use crate::engine::image_cache::ImageCache;
 use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
 use crate::metrics::metrics;
@@ -34,8 +34,11 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let tokenizer = Arc::new(tokenizer);
     let template = ChatTemplate::from_model_dir(dir)?;
-    let model = ChatModel::load(dir, m.dtype.candle(), &Device::Cpu)
+    let mut model = ChatModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    if let Some(q) = m.quantize {
+        quantize(&mut model, q, &m.served_name())?;
+    }
     let vision = vision_prep(dir, &model)?;
     let cache = model
         .new_cache(&KvCacheConfig {
@@ -113,6 +116,34 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         metrics: metrics().model(&m.served_name()),
     };
     Ok((serving, join))
+}
+
+/// Quantizes the decoder in place and says once what it did.
+fn quantize(model: &mut ChatModel, q: Quantize, name: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let r = model
+        .quantize(q.ggml())
+        .with_context(|| format!("cannot quantize `{name}` to {q:?}"))?;
+    let mib = |b: usize| b / (1 << 20);
+    tracing::info!(
+        model = %name,
+        quantize = ?q,
+        quantized = r.quantized,
+        kept_dense = r.kept_dense,
+        weights_mib_before = mib(r.bytes_before),
+        weights_mib_after = mib(r.bytes_after),
+        secs = started.elapsed().as_secs_f32(),
+        "decoder projections quantized and repacked"
+    );
+    if r.kept_dense > 0 {
+        tracing::warn!(
+            model = %name,
+            kept_dense = r.kept_dense,
+            block = q.ggml().block_size(),
+            "projections whose input size is not a multiple of the block stay dense"
+        );
+    }
+    Ok(())
 }
 
 /// End-of-sequence ids: `generation_config.json`'s `eos_token_id` (an id or a

@@ -23,6 +23,9 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let processor = read_image_processor(dir, ImageProcessor::from_json_str)?;
+    if let Some(q) = m.quantize {
+        tracing::warn!(model = %m.served_name(), quantize = ?q, "quantization applies to chat models only: this embedding model stays as loaded");
+    }
     let model = EmbeddingModel::load(dir, m.dtype.candle(), &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let max_token_bytes = TokenTable::new(&tokenizer).longest_token_bytes();

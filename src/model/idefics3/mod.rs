@@ -16,12 +16,14 @@ mod vision;
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::batch::{Limits, SeqInput};
 use super::decoder::TextModel;
 use super::kv_cache::{KvCache, KvCacheConfig};
+use super::linear::QuantReport;
 use super::splice::Spliced;
 use super::weights;
 use super::ModelError;
@@ -134,6 +136,12 @@ impl Idefics3Model {
     /// Tile height = width the tower was trained at (`vision_config.image_size`).
     pub fn image_size(&self) -> usize {
         self.config.vision.image_size
+    }
+
+    /// Quantizes the decoder's projections in place (see [`crate::model::QuantReport`]);
+    /// the vision tower and projector stay as loaded.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport, ModelError> {
+        Ok(self.text.quantize(dtype)?)
     }
 
     /// `max_position_embeddings` of the decoder; positions past it are not refused here.

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::cache::Qwen2VlCache;
@@ -14,7 +15,7 @@ use super::vision::VisionTower;
 use crate::model::batch::{Limits, SeqInput, StepPlan};
 use crate::model::decoder::TextModel;
 use crate::model::weights::{self, find};
-use crate::model::{KvCacheConfig, ModelError};
+use crate::model::{KvCacheConfig, ModelError, QuantReport};
 
 /// New tokens of one sequence for this step.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +104,12 @@ impl Qwen2VlModel {
 
     pub fn spatial_merge_size(&self) -> usize {
         self.config.vision.spatial_merge_size
+    }
+
+    /// Quantizes the decoder's projections in place (see [`crate::model::QuantReport`]);
+    /// the vision tower and projector stay as loaded.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport, ModelError> {
+        Ok(self.text.quantize(dtype)?)
     }
 
     /// Longest sequence the decoder was configured for (`max_position_embeddings`).

@@ -1,0 +1,160 @@
+//! The decoder's projections (q/k/v/o, gate/up/down, lm_head): dense, or quantized in place
+//! after loading (`--quantize`) to a GGML block type run by candle's CPU kernels.
+//!
+//! A quantized matrix keeps its input dimension in blocks (32 values for Q8_0, 256 for the
+//! K-quants); a matrix whose input dimension is not a multiple of the block stays dense. Candle
+//! repacks a quantized matrix for its x86 kernels on first use; [`Linear::quantize`] runs one
+//! tiny product right away so that cost is paid at load, not by the first request.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A projection `x @ W^T + b`, W (out, in).
+#[derive(Debug)]
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    /// Weights in a GGML block type, bias in f32; the product runs in f32 (the kernels'
+    /// dtype), converted from and back to the activations' dtype.
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+/// How many projections a quantization pass changed and how many it left dense.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuantReport {
+    pub quantized: usize,
+    /// Input dimension not a multiple of the type's block size.
+    pub kept_dense: usize,
+    /// Bytes of the projections' weights before and after.
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+impl Linear {
+    /// Loads `weight` (out, in) and, when `bias`, `bias` (out,) under `vb`.
+    pub fn load(input: usize, output: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        candle_nn::linear_b(input, output, bias, vb).map(Self::Dense)
+    }
+
+    /// Wraps a weight (out, in) held elsewhere (e.g. a head tied to the embeddings).
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, None))
+    }
+
+    /// Quantizes a dense projection to `dtype` in place (and repacks it for the CPU kernels),
+    /// or leaves it dense when its input dimension does not fit the blocks; counts either.
+    pub fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+        let Self::Dense(dense) = self else {
+            return Ok(());
+        };
+        let weight = dense.weight();
+        let (_, input) = weight.dims2()?;
+        let bytes = weight.elem_count() * weight.dtype().size_in_bytes();
+        report.bytes_before += bytes;
+        if !input.is_multiple_of(dtype.block_size()) {
+            report.kept_dense += 1;
+            report.bytes_after += bytes;
+            return Ok(());
+        }
+        let q = QTensor::quantize(weight, dtype)?;
+        report.bytes_after += q.storage_size_in_bytes();
+        let quantized = Self::Quantized {
+            weight: QMatMul::QTensor(Arc::new(q)),
+            bias: dense.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+        };
+        // Two rows: every kernel choice (some are m > 1 only) repacks now.
+        let probe = Tensor::zeros((2, input), weight.dtype(), weight.device())?;
+        quantized.forward(&probe)?;
+        *self = quantized;
+        report.quantized += 1;
+        Ok(())
+    }
+}
+
+impl Module for Linear {
+    /// (..., in) -> (..., out), in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(xs),
+            Self::Quantized { weight, bias } => {
+                let ys = weight.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?;
+                let ys = match bias {
+                    Some(b) => ys.broadcast_add(b)?,
+                    None => ys,
+                };
+                ys.to_dtype(xs.dtype())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// ||a - b|| / ||b||.
+    fn relative_error(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let norm = |t: &Tensor| t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>();
+        Ok(norm(&(a - b)?)? / norm(b)?)
+    }
+
+    /// Random normal W (out, in), bias and x (m, in): the quantized product stays within the
+    /// type's rounding of the dense one. Both sides are rounded (candle quantizes the
+    /// activations to 8 bits per block too), so the bounds are about twice what weight-only
+    /// rounding gives: Q8_0 keeps 8 bits per 32 values (measured 0.009 on a decoder-sized
+    /// matrix, shared/notes/candle-cpu.md), Q6K 6 bits (0.020), Q4K 4 bits (0.077).
+    #[test]
+    fn quantized_matches_dense_within_the_type_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let (out, input, m) = (64, 512, 5);
+        let w = Tensor::randn(0f32, 1.0, (out, input), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, out, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (m, input), &dev)?;
+        let dense = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
+        let want = dense.forward(&x)?;
+        for (dtype, bound) in [
+            (GgmlDType::Q8_0, 0.02),
+            (GgmlDType::Q6K, 0.04),
+            (GgmlDType::Q4K, 0.15),
+        ] {
+            let mut q = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
+            let mut report = QuantReport::default();
+            q.quantize(dtype, &mut report)?;
+            assert!(matches!(q, Linear::Quantized { .. }), "{dtype:?}");
+            assert_eq!(report.quantized, 1);
+            assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
+            let got = q.forward(&x)?;
+            assert_eq!(got.dims(), [m, out]);
+            let err = relative_error(&got, &want)?;
+            assert!(err < bound, "{dtype:?}: relative error {err}");
+            assert!(err > 0.0, "{dtype:?}: the product was not quantized");
+            // f16 activations go through the f32 kernels and come back in f16.
+            let half = q.forward(&x.to_dtype(DType::F16)?)?;
+            assert_eq!(half.dtype(), DType::F16);
+            let err = relative_error(&half.to_dtype(DType::F32)?, &want)?;
+            assert!(err < bound, "{dtype:?} f16: relative error {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn inputs_off_the_block_size_stay_dense() -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0, (8, 96), &Device::Cpu)?;
+        let mut report = QuantReport::default();
+        let mut l = Linear::from_weight(w.clone());
+        l.quantize(GgmlDType::Q4K, &mut report)?; // 96 is not a multiple of 256
+        assert!(matches!(l, Linear::Dense(_)));
+        l.quantize(GgmlDType::Q8_0, &mut report)?; // but it is of 32
+        assert!(matches!(l, Linear::Quantized { .. }));
+        l.quantize(GgmlDType::Q8_0, &mut report)?; // already quantized: left alone
+        assert_eq!((report.quantized, report.kept_dense), (1, 1), "{report:?}");
+        Ok(())
+    }
+}
