@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Batch-1 text decode speed of one model by weight format, side by side in one run
+# (see bench/README.md, "Quantized and f16 decoding"):
+#
+#   bench/quantize.sh [MODEL]     # default: smolvlm-256m (its -1tile copy under bench/models)
+#
+# Runs the release mmserve once per setting (f32, f16, q8_0, q4k, q6k) under bench/loadgen.py
+# (text, concurrency 1; q8_0 also at 16) and prints a markdown table with the load average
+# next to each row. Expects the binary built (cargo build --release --bin mmserve) and the model
+# made (bench/make_models.py). Environment: PYTHON, THREADS, PORT, CARGO_TARGET_DIR as run.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-.venv/bin/python}
+threads=${THREADS:-$(nproc)}
+port=${PORT:-18710}
+model=${1:-smolvlm-256m}
+dir="bench/models/$model-1tile"
+bin="${CARGO_TARGET_DIR:-target}/release/mmserve"
+out="bench/out/quantize-$(date -u +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+cp "$bin" "$out/mmserve"
+export RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=$threads
+
+server=""
+trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
+rows=()
+for setting in f32 f16 q8_0 q4k q6k; do
+  case $setting in
+    f32) flags=(--dtype f32) levels=1 ;;
+    f16) flags=(--dtype f16) levels=1 ;;
+    q8_0) flags=(--quantize q8_0) levels=1,16 ;;
+    *) flags=(--quantize "$setting") levels=1 ;;
+  esac
+  "$out/mmserve" serve --model "$dir" --served-model-name "$model" --port "$port" "${flags[@]}" \
+    >"$out/$setting.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
+    kill -0 "$server" || { cat "$out/$setting.log"; exit 1; }
+    sleep 0.5
+  done
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  "$py" bench/loadgen.py "http://127.0.0.1:$port" "$model" --kinds text --concurrency "$levels" \
+    --pid "$server" --json "$out/$setting.json" >/dev/null
+  load="$load-$(cut -d' ' -f1 /proc/loadavg)"
+  kill "$server"
+  wait "$server" || true
+  server=""
+  dense=$(grep -ao "kept_dense[^ ]*=[^ ]*[0-9]" "$out/$setting.log" | head -1 | grep -o "[0-9]*$" || true)
+  rows+=("$setting|$load|${dense:--}")
+done
+
+"$py" - "$out" "${rows[@]}" <<'EOF'
+import json, sys
+out, rows = sys.argv[1], sys.argv[2:]
+print("| weights | load avg (start-end) | projections kept dense | TPOT median ms, c=1 | decode tok/s, c=1 | vs f32 | aggregate tok/s, c=16 | peak RSS MB |")
+print("|---|---|---|---|---|---|---|---|")
+base = None
+for row in rows:
+    name, load, dense = row.split("|")
+    levels = {lv["concurrency"]: lv for lv in json.load(open(f"{out}/{name}.json"))["levels"]}
+    tps = 1000 / levels[1]["tpot_median_ms"]
+    base = base or tps
+    c16 = f"{levels[16]['output_tok_s']:.1f}" if 16 in levels else "—"
+    rss = max(lv["peak_rss_mb"] or 0 for lv in levels.values())
+    print(f"| {name} | {load} | {dense} | {levels[1]['tpot_median_ms']:.1f} | {tps:.1f} | {tps / base:.2f}× | {c16} | {rss:.0f} |")
+EOF
