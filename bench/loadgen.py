@@ -23,7 +23,11 @@ own request number before the image, so a prefix cache cannot reuse the image's 
 request: only its encoder output can be reused. Needs Pillow (for images no other request sends).
 
     python bench/loadgen.py BASE_URL MODEL --image photo.jpg [--pid PID] [--concurrency 1,4,16]
-        [--kinds text,image,repeat] [--max-tokens 64] [--rounds 2] [--json out.json]
+        [--kinds text,image,repeat,prefix] [--max-tokens 64] [--rounds 2] [--json out.json]
+
+The `prefix` kind (not in the default set) measures a prefix cache: ROUNDS sessions, one after
+the other, each a long system prompt of its own (about 900 words) asked two different questions
+in turn; it reports the median TTFT of the first and of the second request.
 
 Needs httpx (installed with the openai SDK, as httpx or httpx2); Pillow optional.
 """
@@ -46,6 +50,8 @@ TEXT = ("Here are some notes from a meeting about the spring garden project. The
         "to ask the neighbours whether they want to share the compost. Summarise the notes in a short "
         "list, then suggest two more things the team should plan.")
 IMAGE_TEXT = "Describe this image in detail: what is in it, the colours, and the mood."
+SYSTEM = "You are the assistant of the garden cooperative. Its latest notes follow. " + " ".join([TEXT] * 12)
+QUESTIONS = ("Which vegetables were chosen?", "What must be done before April?")
 
 
 def parse():
@@ -162,6 +168,32 @@ def request_body(args, kind, n, image_url):
             "min_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
 
 
+def prefix_body(args, session, question):
+    messages = [{"role": "system", "content": f"Session {session}. {SYSTEM}"},
+                {"role": "user", "content": question}]
+    return {"model": args.model, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
+            "ignore_eos": True, "min_tokens": args.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+async def prefix_sessions(args, client, counter):
+    """ROUNDS sessions in turn, each a system prompt of its own asked two questions."""
+    url = f"{args.base.rstrip('/')}/v1/chat/completions"
+    first, second, errors = [], [], []
+    for _ in range(args.rounds):
+        session = next(counter)
+        try:
+            for question, into in zip(QUESTIONS, (first, second)):
+                into.append((await one_request(client, url, prefix_body(args, session, question)))[0])
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            errors.append(f"{type(e).__name__}: {e}")
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {"kind": "prefix", "concurrency": 1, "requests": 2 * args.rounds, "errors": len(errors),
+            "error_sample": errors[:3], "wrong_token_count": 0,
+            "ttft_first_median_s": med(first), "ttft_second_median_s": med(second),
+            "ttft_first_s": first, "ttft_second_s": second}
+
+
 async def one_request(client, url, body):
     """Streams one request; returns (ttft, tpot, completion tokens) in seconds."""
     sent = time.perf_counter()
@@ -251,6 +283,10 @@ async def run(args):
     limits = httpx.Limits(max_connections=max(levels) + 4)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         for kind in kinds:
+            if kind == "prefix":
+                r = out["prefix"] = await prefix_sessions(args, client, counter)
+                print(f"prefix sessions={args.rounds} TTFT med first {r['ttft_first_median_s'] or 0:7.3f} s "
+                      f"second {r['ttft_second_median_s'] or 0:7.3f} s  errors {r['errors']}", flush=True)
             if kind == "repeat":
                 out["repeat"] = await repeat_pairs(args, client, counter)
                 continue
@@ -285,6 +321,9 @@ def main():
     if out.get("repeat", {}).get("errors"):
         print(f"FAILED repeat: {out['repeat']['error_sample']}", file=sys.stderr)
         bad.append(out["repeat"])
+    if out.get("prefix", {}).get("errors"):
+        print(f"FAILED prefix: {out['prefix']['error_sample']}", file=sys.stderr)
+        bad.append(out["prefix"])
     for lv in bad:
         print(f"FAILED {lv['kind']} c={lv['concurrency']}: {lv['errors']} errors {lv['error_sample']}, "
               f"{lv['wrong_token_count']} with another token count than {args.max_tokens}", file=sys.stderr)

@@ -189,6 +189,8 @@ pub struct EngineConfig {
     pub image_cache_bytes: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Keep finished sequences' full KV blocks for later requests with the same prefix.
+    pub enable_prefix_caching: bool,
     pub default_max_tokens: usize,
     pub max_embedding_batch: usize,
     /// Most sequences waiting for a seat per engine; beyond it, 429.

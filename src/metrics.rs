@@ -37,6 +37,9 @@ pub struct Metrics {
     kv_bytes: IntGaugeVec,
     kv_blocks_used: IntGaugeVec,
     kv_blocks_total: IntGaugeVec,
+    kv_blocks_cached: IntGaugeVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
     kv_usage: GaugeVec,
     cancelled: IntCounterVec,
     preempted: IntCounterVec,
@@ -161,6 +164,23 @@ impl Metrics {
                 "mmserve:kv_cache_blocks_total",
                 "KV cache blocks in the pool.",
             ),
+            kv_blocks_cached: gauge(
+                r,
+                "mmserve:kv_cache_blocks_cached",
+                "Free KV cache blocks still holding a cached prefix (reusable until evicted).",
+            ),
+            prefix_queries: counter(
+                r,
+                "mmserve:prefix_cache_queries_total",
+                "Tokens of sequences looked up in the prefix cache at admission.",
+                MODEL,
+            ),
+            prefix_hits: counter(
+                r,
+                "mmserve:prefix_cache_hits_total",
+                "Tokens found in the prefix cache at admission (not prefilled).",
+                MODEL,
+            ),
             kv_usage: float_gauge(
                 r,
                 "mmserve:kv_cache_usage_perc",
@@ -211,6 +231,8 @@ impl Metrics {
             batch_size: self.batch_size.with_label_values(l),
             cancelled: self.cancelled.with_label_values(l),
             preempted: self.preempted.with_label_values(l),
+            prefix_queries: self.prefix_queries.with_label_values(l),
+            prefix_hits: self.prefix_hits.with_label_values(l),
         }
     }
 
@@ -236,6 +258,7 @@ impl Metrics {
         set(&self.kv_bytes, s.kv_cache_bytes);
         set(&self.kv_blocks_used, s.kv_blocks_used);
         set(&self.kv_blocks_total, s.kv_blocks_total);
+        set(&self.kv_blocks_cached, s.kv_blocks_cached);
         let usage = match s.kv_blocks_total {
             0 => 0.0,
             total => s.kv_blocks_used as f64 / total as f64,
@@ -273,6 +296,9 @@ pub struct EngineMetrics {
     /// Counted by the engine's shared [`EngineLoad`](crate::engine::EngineLoad) as they happen.
     pub cancelled: IntCounter,
     pub preempted: IntCounter,
+    /// Tokens looked up in, and found in, the prefix cache.
+    pub prefix_queries: IntCounter,
+    pub prefix_hits: IntCounter,
 }
 
 /// Observes a duration in seconds.

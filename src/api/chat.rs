@@ -147,6 +147,7 @@ pub(super) fn submit(
         reqs.push(EngineRequest {
             prompt_ids: valid.prompt_ids.clone(),
             images: valid.images.clone(),
+            image_starts: valid.image_starts.clone(),
             sampling: sampling.clone(),
             max_tokens: valid.max_tokens,
             min_tokens: valid.min_tokens,

@@ -68,6 +68,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
                 "kv_cache_bytes": l.kv_cache_bytes,
                 "kv_blocks_used": l.kv_blocks_used,
                 "kv_blocks_total": l.kv_blocks_total,
+                "kv_blocks_cached": l.kv_blocks_cached,
                 "cancelled": l.cancelled,
                 "preempted": l.preempted,
             });

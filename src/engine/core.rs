@@ -34,6 +34,8 @@ pub struct EngineParts {
     pub metrics: EngineMetrics,
     /// The vision encoder's outputs, by image key.
     pub image_cache: ImageCache,
+    /// Reuse cached KV blocks of earlier sequences' prefixes (see `prefix`).
+    pub prefix_caching: bool,
 }
 
 /// State owned by the engine thread alone.
@@ -54,6 +56,7 @@ pub struct EngineCore {
     /// submit and given back here when a sequence leaves the queue.
     pub(super) load: Arc<EngineLoad>,
     pub(super) metrics: EngineMetrics,
+    pub(super) prefix_caching: bool,
     next_id: u64,
 }
 
@@ -71,6 +74,7 @@ impl EngineCore {
             running: Vec::new(),
             load: Arc::new(EngineLoad::new(parts.max_waiting).counting(&parts.metrics)),
             metrics: parts.metrics,
+            prefix_caching: parts.prefix_caching,
             next_id: 0,
         }
     }
@@ -115,7 +119,11 @@ impl EngineCore {
                 }
                 let id = self.next_id;
                 self.next_id += 1;
-                self.waiting.push_back(Sequence::new(id, *req));
+                let mut seq = Sequence::new(id, *req);
+                if self.prefix_caching {
+                    seq.extend_hashes(self.cache.kv().block_size());
+                }
+                self.waiting.push_back(seq);
             }
         }
     }
@@ -171,6 +179,7 @@ impl EngineCore {
             KvUsage {
                 bytes: kv.bytes(),
                 blocks_used: kv.used_blocks(),
+                blocks_cached: kv.cached_blocks(),
                 blocks_total: kv.num_blocks(),
             },
         );

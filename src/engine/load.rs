@@ -24,6 +24,8 @@ pub struct EngineStats {
     /// KV blocks in use, and in the whole pool (0 for embedding engines).
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
+    /// Free KV blocks still holding a cached prefix block (prefix caching).
+    pub kv_blocks_cached: usize,
     /// Sequences dropped so far because their client went away.
     pub cancelled: usize,
     /// Times so far a sequence was preempted (KV blocks freed, recomputed later).
@@ -36,6 +38,7 @@ pub struct KvUsage {
     pub bytes: usize,
     pub blocks_used: usize,
     pub blocks_total: usize,
+    pub blocks_cached: usize,
 }
 
 /// Shared gauges of one engine plus the bound of its waiting queue.
@@ -46,6 +49,7 @@ pub struct EngineLoad {
     kv_cache_bytes: AtomicUsize,
     kv_blocks_used: AtomicUsize,
     kv_blocks_total: AtomicUsize,
+    kv_blocks_cached: AtomicUsize,
     cancelled: AtomicUsize,
     preempted: AtomicUsize,
     /// Most sequences allowed to wait; submissions beyond it are refused.
@@ -74,6 +78,7 @@ impl EngineLoad {
             kv_cache_bytes: AtomicUsize::new(0),
             kv_blocks_used: AtomicUsize::new(0),
             kv_blocks_total: AtomicUsize::new(0),
+            kv_blocks_cached: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
             preempted: AtomicUsize::new(0),
             max_waiting,
@@ -100,6 +105,7 @@ impl EngineLoad {
             kv_cache_bytes: self.kv_cache_bytes.load(Ordering::SeqCst),
             kv_blocks_used: self.kv_blocks_used.load(Ordering::SeqCst),
             kv_blocks_total: self.kv_blocks_total.load(Ordering::SeqCst),
+            kv_blocks_cached: self.kv_blocks_cached.load(Ordering::SeqCst),
             cancelled: self.cancelled.load(Ordering::SeqCst),
             preempted: self.preempted.load(Ordering::SeqCst),
         }
@@ -152,6 +158,8 @@ impl EngineLoad {
         self.kv_blocks_used.store(kv.blocks_used, Ordering::SeqCst);
         self.kv_blocks_total
             .store(kv.blocks_total, Ordering::SeqCst);
+        self.kv_blocks_cached
+            .store(kv.blocks_cached, Ordering::SeqCst);
     }
 }
 

@@ -6,6 +6,7 @@ mod core;
 pub mod embed;
 pub mod image_cache;
 mod load;
+mod prefix;
 pub mod sampling;
 pub mod scheduler;
 mod sequence;
@@ -30,6 +31,9 @@ pub struct EngineRequest {
     pub prompt_ids: Vec<u32>,
     /// Preprocessed images in prompt order, with their cache keys.
     pub images: Vec<KeyedImage>,
+    /// Where each image's rows start in `prompt_ids` (its first placeholder token), for prefix
+    /// caching.
+    pub image_starts: Vec<usize>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     /// Tokens to generate before EOS or a stop string may end the sequence

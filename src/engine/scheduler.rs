@@ -8,11 +8,13 @@
 //! chunks beside the decodes instead of stalling them.
 //!
 //! KV memory comes in blocks. When a running sequence's chunk needs more blocks than are free,
-//! the newest running sequences are preempted (their blocks freed; they wait again at the head
-//! of the queue and are recomputed from their tokens later), the sequence itself last. Waiting
-//! sequences are admitted first come, first served, only while seats (`max_num_seqs`), budget
-//! and free blocks for their whole uncached tokens allow, and never in a step that preempted:
-//! the queue is never skipped, so nobody starves.
+//! the newest running sequences are preempted (the blocks no other sequence shares are freed;
+//! they wait again at the head of the queue and are recomputed from their tokens later), the
+//! sequence itself last. Waiting sequences are admitted first come, first served, only while
+//! seats (`max_num_seqs`), budget and free blocks for their whole uncached tokens allow, and
+//! never in a step that preempted: the queue is never skipped, so nobody starves. A waiting
+//! sequence whose prompt starts with cached blocks (prefix caching) counts them as `cached`: it
+//! needs blocks only for the rest, plus the cached-free ones it takes back (`revives`).
 
 /// Limits that shape each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,10 @@ pub struct SeqState {
     pub cached: usize,
     /// Tokens known and not yet in the cache.
     pub uncached: usize,
+    /// Running: blocks its preemption frees (those no other sequence shares).
+    pub frees: usize,
+    /// Waiting: cached-free blocks its cached prefix takes off the free count when admitted.
+    pub revives: usize,
 }
 
 /// The KV block pool right now.
@@ -103,7 +109,7 @@ pub fn plan(
             // The newest unscheduled sequence makes room; at worst the sequence itself.
             let Some(victim) = live.pop() else { break };
             plan.preempt.push(victim);
-            free += blocks.of(running[victim].cached);
+            free += running[victim].frees;
             if live.len() == i {
                 break;
             }
@@ -138,12 +144,13 @@ fn admit(
             plan.reject_head = true;
             return;
         }
-        if seats == 0 || budget == 0 || whole > free {
+        // The whole prompt's blocks are set aside, not just the first chunk's.
+        let need = blocks.growth(w, w.uncached) + w.revives;
+        if seats == 0 || budget == 0 || need > free {
             return;
         }
         let n = w.uncached.min(budget);
-        // The whole prompt's blocks are set aside, not just the first chunk's.
-        free -= whole;
+        free -= need;
         budget -= n;
         seats -= 1;
         plan.admit.push(n);
@@ -170,13 +177,18 @@ mod tests {
         SeqState {
             cached: 0,
             uncached: n,
+            frees: 0,
+            revives: 0,
         }
     }
 
+    /// Running with `cached` tokens in blocks of its own (of 4 tokens).
     fn decoding(cached: usize) -> SeqState {
         SeqState {
             cached,
             uncached: 1,
+            frees: cached.div_ceil(4),
+            revives: 0,
         }
     }
 
@@ -220,6 +232,8 @@ mod tests {
         let mid = SeqState {
             cached: 100,
             uncached: 150,
+            frees: 25,
+            revives: 0,
         };
         // Mid-prefill and oldest, it leaves one token to each decode behind it.
         let p = plan(&CFG, ROOMY, &[mid, decoding(7), decoding(8)], &[]);
@@ -309,5 +323,49 @@ mod tests {
         // Back in the queue with 120 prompt + 30 generated tokens, none cached.
         let p = plan(&CFG, ROOMY, &[], &[prompt(150)]);
         assert_eq!(p.admit, vec![100]);
+    }
+
+    #[test]
+    fn a_cached_prefix_needs_blocks_only_for_the_rest() {
+        let b = Blocks {
+            block_size: 4,
+            free: 3,
+            total: 10,
+        };
+        // 20 tokens, 16 of them in 4 cached blocks another sequence holds: 1 new block.
+        let hit = SeqState {
+            cached: 16,
+            uncached: 4,
+            frees: 0,
+            revives: 0,
+        };
+        assert_eq!(plan(&CFG, b, &[], &[hit, prompt(8)]).admit, vec![4, 8]);
+        // Cached-free blocks it takes back count against the free ones: 1 + 3 > 3.
+        let revived = SeqState { revives: 3, ..hit };
+        assert!(plan(&CFG, b, &[], &[revived]).admit.is_empty());
+        // The whole sequence must still fit the pool.
+        let huge = SeqState {
+            cached: 40,
+            uncached: 1,
+            ..hit
+        };
+        assert!(plan(&CFG, b, &[], &[huge]).reject_head);
+    }
+
+    #[test]
+    fn preempting_a_sequence_frees_only_its_own_blocks() {
+        // Both hold 2 blocks; the newer shares both of its full ones with the older, so
+        // preempting it frees nothing and the older must preempt itself too.
+        let b = Blocks {
+            block_size: 4,
+            free: 0,
+            total: 3,
+        };
+        let shared = SeqState {
+            frees: 0,
+            ..decoding(8)
+        };
+        let p = plan(&CFG, b, &[decoding(8), shared], &[]);
+        assert_eq!((p.preempt, p.tokens), (vec![1, 0], vec![0, 0]));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::model::KeyedImage;
+use crate::model::{BlockHash, ImageKey, KeyedImage};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::Sampler;
@@ -29,6 +29,10 @@ pub struct Sequence {
     pub image_rows: Option<Tensor>,
     /// Patch grids of the prompt's images, for families that need them.
     pub grids: Vec<[usize; 3]>,
+    /// Where the prompt's images start and their keys (prefix caching).
+    image_keys: Vec<(usize, ImageKey)>,
+    /// Hash chain of the full blocks of `tokens` made so far (see `prefix`).
+    pub hashes: Vec<BlockHash>,
     /// Leading `tokens` in the KV cache.
     pub cached: usize,
     /// When the request must be over (see [`EngineRequest::deadline`]).
@@ -72,7 +76,14 @@ impl Sequence {
             prompt_len: req.prompt_ids.len(),
             tokens: req.prompt_ids,
             grids: req.images.iter().filter_map(|i| i.input.grid()).collect(),
+            image_keys: req
+                .image_starts
+                .iter()
+                .copied()
+                .zip(req.images.iter().map(|i| i.key))
+                .collect(),
             images: req.images,
+            hashes: Vec::new(),
             image_rows: None,
             cached: 0,
             deadline: req.deadline,
@@ -148,6 +159,30 @@ impl Sequence {
             .then(|| rows.narrow(0, before, here).ok())
             .flatten();
         (&self.tokens[start..end], rows)
+    }
+
+    /// Extends [`Self::hashes`] to every full block of `tokens`.
+    pub fn extend_hashes(&mut self, block_size: usize) {
+        super::prefix::extend_chain(&mut self.hashes, &self.tokens, &self.image_keys, block_size);
+    }
+
+    /// The hashes of the full blocks a prefix-cache hit may cover: never the block of the last
+    /// known token, which must be computed for its logits.
+    pub fn reusable_hashes(&self, block_size: usize) -> &[BlockHash] {
+        let n = self.tokens.len().saturating_sub(1) / block_size.max(1);
+        &self.hashes[..n.min(self.hashes.len())]
+    }
+
+    /// Whether an image row of the prompt lies past the cached tokens, so the images must be
+    /// encoded (they need not be when a cached prefix holds them all).
+    pub fn needs_image_rows(&self, image_token: u32) -> bool {
+        self.image_rows.is_none()
+            && !self.images.is_empty()
+            && self
+                .prompt()
+                .iter()
+                .rposition(|&t| t == image_token)
+                .is_some_and(|last| last >= self.cached)
     }
 
     /// Drops the sequence's place in the KV cache: it will be recomputed from
@@ -254,6 +289,7 @@ impl Sequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ImageInput;
     use candle_core::Device;
 
     const IMG: u32 = 9;
@@ -267,6 +303,7 @@ mod tests {
             EngineRequest {
                 prompt_ids: prompt.to_vec(),
                 images: vec![],
+                image_starts: vec![],
                 sampling: Default::default(),
                 max_tokens: 100,
                 min_tokens: 0,
@@ -317,5 +354,22 @@ mod tests {
         // Without a generated image token the chunk runs on past the prompt.
         let s = seq(&[1, IMG, 2], &[4, 5]);
         assert_eq!(rows(s.chunk(5, IMG)), (vec![1, IMG, 2, 4, 5], vec![0.]));
+    }
+
+    #[test]
+    fn images_inside_the_cached_prefix_need_no_encoding() {
+        let mut s = seq(&[1, IMG, IMG, 2, 3, 4], &[]);
+        s.image_rows = None;
+        assert!(!s.needs_image_rows(IMG), "no pixels: nothing to encode");
+        s.images = Tensor::zeros((3, 2, 2), candle_core::DType::F32, &Device::Cpu)
+            .and_then(|t| KeyedImage::new(ImageInput::Pixels(t)))
+            .into_iter()
+            .collect();
+        assert!(s.needs_image_rows(IMG));
+        // The last image row is at 2: a prefix of 2 straddles the image, one of 3 holds it.
+        s.cached = 2;
+        assert!(s.needs_image_rows(IMG));
+        s.cached = 3;
+        assert!(!s.needs_image_rows(IMG));
     }
 }

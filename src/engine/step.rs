@@ -36,13 +36,6 @@ fn injected(seqs: &[&Sequence]) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn state(s: &Sequence) -> SeqState {
-    SeqState {
-        cached: s.cached,
-        uncached: s.uncached(),
-    }
-}
-
 impl EngineCore {
     /// One step of continuous batching.
     pub(super) fn step(&mut self) {
@@ -86,8 +79,23 @@ impl EngineCore {
             free: kv.free_blocks(),
             total: kv.num_blocks(),
         };
-        let running: Vec<SeqState> = self.running.iter().map(state).collect();
-        let waiting: Vec<SeqState> = self.waiting.iter().map(state).collect();
+        let running: Vec<SeqState> = self
+            .running
+            .iter()
+            .map(|s| SeqState {
+                cached: s.cached,
+                uncached: s.uncached(),
+                frees: kv.sole_blocks(s.id),
+                revives: 0,
+            })
+            .collect();
+        // No more than `max_num_seqs` of the queue can be admitted in one step.
+        let waiting: Vec<SeqState> = self
+            .waiting
+            .iter()
+            .take(self.sched.max_num_seqs)
+            .map(|s| self.waiting_state(s))
+            .collect();
         scheduler::plan(&self.sched, blocks, &running, &waiting)
     }
 
@@ -151,9 +159,13 @@ impl EngineCore {
                 observe(&self.metrics.queue_time, t.elapsed());
             }
         }
+        let first = self.running.len();
         self.running.extend(self.waiting.drain(..n));
         self.load.release(n);
-        chunks.extend_from_slice(&first_chunks[..n]);
+        for (i, &chunk) in (first..).zip(&first_chunks[..n]) {
+            self.attach_prefix(i);
+            chunks.push(chunk.min(self.running[i].uncached()));
+        }
     }
 
     /// Removes the running sequences marked failed (already told so).
@@ -173,13 +185,14 @@ impl EngineCore {
         });
     }
 
-    /// Encodes the images of the scheduled sequences that still hold pixels,
-    /// together, or one sequence at a time if the batch fails. Returns which
+    /// Encodes the images of the scheduled sequences that need their rows
+    /// (not all inside a cached prefix), together, or one sequence at a time if the batch fails. Returns which
     /// running sequences failed (and were told so).
     fn encode_new(&mut self, chunks: &[usize]) -> Vec<bool> {
         let mut failed = vec![false; self.running.len()];
+        let image_token = self.model.image_token_id();
         let todo: Vec<usize> = (0..self.running.len())
-            .filter(|&i| chunks[i] > 0 && !self.running[i].images.is_empty())
+            .filter(|&i| chunks[i] > 0 && self.running[i].needs_image_rows(image_token))
             .collect();
         if todo.is_empty() {
             return failed;
@@ -325,6 +338,9 @@ impl EngineCore {
                 }
                 None => Progress::Finished,
             };
+        }
+        for &(i, _) in fed {
+            self.register_blocks(i);
         }
         let mut gone = 0;
         let mut still = Vec::with_capacity(self.running.len());

@@ -6,8 +6,14 @@
 //! A step first reserves room for its new tokens ([`BlockTables::reserve`], all or nothing),
 //! then commits them once it succeeded, or rolls the reservation back, so a failed step leaves
 //! every sequence as it was.
+//!
+//! Prefix caching: a sequence's full blocks are registered under their hash chain once committed
+//! ([`BlockTables::register`]); a new sequence starts from the longest cached run of its
+//! hashes ([`BlockTables::attach`]), sharing those blocks (see `block_pool`).
 
 use std::collections::HashMap;
+
+use super::block_pool::{BlockHash, BlockPool};
 
 /// Not enough free blocks for a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,15 +30,15 @@ struct SeqBlocks {
     /// Pool block of each `block_size` positions, in order (may reach past `len` while a step
     /// is reserved).
     blocks: Vec<u32>,
+    /// Leading blocks registered in the prefix index (or taken from it).
+    hashed: usize,
 }
 
-/// The block pool's free list and every sequence's block table.
+/// The block pool and every sequence's block table.
 #[derive(Debug)]
 pub struct BlockTables {
     block_size: usize,
-    num_blocks: usize,
-    /// Free block ids; the most recently freed is reused first (its memory is warm).
-    free: Vec<u32>,
+    pool: BlockPool,
     seqs: HashMap<u64, SeqBlocks>,
 }
 
@@ -41,8 +47,7 @@ impl BlockTables {
     pub fn new(block_size: usize, num_blocks: usize) -> Self {
         Self {
             block_size,
-            num_blocks,
-            free: (0..num_blocks as u32).rev().collect(),
+            pool: BlockPool::new(num_blocks),
             seqs: HashMap::new(),
         }
     }
@@ -52,15 +57,22 @@ impl BlockTables {
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.num_blocks
+        self.pool.num_blocks()
     }
 
+    /// Blocks a reservation may take (free, or cached-free and evictable).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.pool.available()
     }
 
+    /// Blocks some sequence holds.
     pub fn used_blocks(&self) -> usize {
-        self.num_blocks - self.free.len()
+        self.pool.in_use()
+    }
+
+    /// Free blocks that still hold a cached prefix block.
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached_free()
     }
 
     /// Blocks that hold `tokens` positions.
@@ -92,10 +104,10 @@ impl BlockTables {
                 self.blocks_for(len + n).saturating_sub(held)
             })
             .sum();
-        if need > self.free.len() {
+        if need > self.free_blocks() {
             return Err(OutOfBlocks {
                 need,
-                free: self.free.len(),
+                free: self.free_blocks(),
             });
         }
         for &(id, n) in new {
@@ -103,7 +115,7 @@ impl BlockTables {
             let seq = self.seqs.entry(id).or_default();
             while seq.blocks.len() < want {
                 // `need` blocks were counted free above.
-                let Some(b) = self.free.pop() else { break };
+                let Some(b) = self.pool.allocate() else { break };
                 seq.blocks.push(b);
             }
         }
@@ -124,15 +136,71 @@ impl BlockTables {
         if keep == 0 {
             self.remove(seq_id);
         } else if let Some(s) = self.seqs.get_mut(&seq_id) {
-            self.free.extend(s.blocks.drain(keep..).rev());
+            for b in s.blocks.drain(keep..).rev() {
+                self.pool.release(b);
+            }
         }
     }
 
-    /// Frees every block of `seq_id` (nothing happens for an unknown sequence).
+    /// Lets go of every block of `seq_id` (nothing happens for an unknown sequence), the last
+    /// first, so a cached prefix is evicted from its end.
     pub fn remove(&mut self, seq_id: u64) {
         if let Some(s) = self.seqs.remove(&seq_id) {
-            self.free.extend(s.blocks.into_iter().rev());
+            for b in s.blocks.into_iter().rev() {
+                self.pool.release(b);
+            }
         }
+    }
+
+    /// How many leading blocks of a sequence with full-block `hashes` are cached, and how many
+    /// of those are cached-free (sharing them takes them off the free count).
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> (usize, usize) {
+        let n = self.pool.cached_prefix(hashes);
+        (n, self.pool.revivals(hashes, n))
+    }
+
+    /// Starts the new sequence `seq_id` from the cached blocks of its leading `hashes`, shared
+    /// with whoever holds them; returns the positions they cover (0: nothing cached, or the
+    /// sequence already exists).
+    pub fn attach(&mut self, seq_id: u64, hashes: &[BlockHash]) -> usize {
+        if self.seqs.contains_key(&seq_id) {
+            return 0;
+        }
+        let blocks: Vec<u32> = hashes.iter().map_while(|h| self.pool.share(h)).collect();
+        if blocks.is_empty() {
+            return 0;
+        }
+        let len = blocks.len() * self.block_size;
+        let hashed = blocks.len();
+        self.seqs.insert(
+            seq_id,
+            SeqBlocks {
+                len,
+                blocks,
+                hashed,
+            },
+        );
+        len
+    }
+
+    /// Registers `seq_id`'s committed full blocks under `hashes` (its full blocks' hash chain,
+    /// from the first).
+    pub fn register(&mut self, seq_id: u64, hashes: &[BlockHash]) {
+        let Some(s) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        let full = (s.len / self.block_size).min(hashes.len());
+        for (&block, &hash) in s.blocks.iter().zip(hashes).take(full).skip(s.hashed) {
+            self.pool.register(block, hash);
+        }
+        s.hashed = s.hashed.max(full);
+    }
+
+    /// Blocks that preempting `seq_id` would free: those nobody else holds.
+    pub fn sole_blocks(&self, seq_id: u64) -> usize {
+        self.seqs.get(&seq_id).map_or(0, |s| {
+            s.blocks.iter().filter(|&&b| self.pool.refs(b) == 1).count()
+        })
     }
 
     /// Pool slot of each position in `from..to` of `seq_id` (reserved positions only).
@@ -225,5 +293,87 @@ mod tests {
         assert_eq!(t.runs(9, 2, 6), vec![(2, 6, 2), (4, 12, 2)]);
         assert_eq!(t.runs(9, 0, 1), vec![(0, 4, 1)]);
         assert!(t.slots(9, 8, 9).is_empty(), "past the reservation");
+    }
+
+    fn h(i: u8) -> BlockHash {
+        [i; 32]
+    }
+
+    /// Sequence `id` with `tokens` positions committed and its full blocks registered.
+    fn cached_seq(t: &mut BlockTables, id: u64, tokens: usize, hashes: &[BlockHash]) {
+        t.reserve(&[(id, tokens)]).unwrap();
+        t.commit(id, tokens);
+        t.register(id, hashes);
+    }
+
+    #[test]
+    fn a_finished_prefix_is_shared_by_the_next_sequence() {
+        let mut t = BlockTables::new(4, 6);
+        // 10 positions: two full blocks registered, the partial third is not.
+        cached_seq(&mut t, 1, 10, &[h(1), h(2)]);
+        t.remove(1);
+        assert_eq!(
+            (t.used_blocks(), t.free_blocks(), t.cached_blocks()),
+            (0, 6, 2)
+        );
+        // A prompt sharing only the first block.
+        assert_eq!(t.cached_prefix(&[h(1), h(9)]), (1, 1));
+        assert_eq!(t.attach(2, &[h(1), h(9)]), 4);
+        assert_eq!(
+            (t.seq_len(2), t.used_blocks(), t.cached_blocks()),
+            (4, 1, 1)
+        );
+        // It grows into fresh blocks after the shared one.
+        t.reserve(&[(2, 3)]).unwrap();
+        t.commit(2, 3);
+        assert_eq!((t.seq_len(2), t.used_blocks()), (7, 2));
+        assert_eq!(t.attach(2, &[h(1)]), 0, "already running");
+    }
+
+    #[test]
+    fn running_sequences_share_blocks_and_preemption_frees_only_their_own() {
+        let mut t = BlockTables::new(4, 8);
+        cached_seq(&mut t, 1, 8, &[h(1), h(2)]);
+        assert_eq!(t.cached_prefix(&[h(1), h(2)]), (2, 0), "held: not revived");
+        assert_eq!(t.attach(2, &[h(1), h(2)]), 8);
+        t.reserve(&[(2, 1)]).unwrap();
+        t.commit(2, 1);
+        assert_eq!(t.used_blocks(), 3);
+        // Preempting 2 frees only its own third block; 1 holds both shared ones.
+        assert_eq!((t.sole_blocks(1), t.sole_blocks(2)), (0, 1));
+        t.remove(2);
+        assert_eq!((t.used_blocks(), t.sole_blocks(1)), (2, 2));
+        t.remove(1);
+        assert_eq!((t.used_blocks(), t.cached_blocks()), (0, 2));
+    }
+
+    #[test]
+    fn allocation_evicts_cached_blocks_from_the_end_of_a_prefix() {
+        let mut t = BlockTables::new(2, 3);
+        cached_seq(&mut t, 1, 6, &[h(1), h(2), h(3)]);
+        t.remove(1);
+        // All three are cached-free; a 2-block sequence evicts the tail (3, then 2) first.
+        t.reserve(&[(2, 4)]).unwrap();
+        assert_eq!(t.cached_prefix(&[h(1), h(2), h(3)]), (1, 1));
+        t.rollback(2);
+        assert_eq!(
+            (t.used_blocks(), t.free_blocks(), t.cached_blocks()),
+            (0, 3, 1)
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_attachment_keeps_its_shared_blocks() {
+        let mut t = BlockTables::new(2, 4);
+        cached_seq(&mut t, 1, 4, &[h(1), h(2)]);
+        t.remove(1);
+        assert_eq!(t.attach(2, &[h(1), h(2)]), 4);
+        t.reserve(&[(2, 1)]).unwrap();
+        t.rollback(2);
+        assert_eq!((t.seq_len(2), t.used_blocks()), (4, 2));
+        // Registering again changes nothing; removing caches both again.
+        t.register(2, &[h(1), h(2)]);
+        t.remove(2);
+        assert_eq!((t.used_blocks(), t.cached_blocks()), (0, 2));
     }
 }

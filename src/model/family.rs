@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::idefics3::Idefics3Model;
 use super::json;
-use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel};
-use super::{KvCache, KvCacheConfig, LlavaModel, ModelError, QuantReport, SeqInput};
+use super::qwen2vl::{Qwen2VlCache, Qwen2VlInput, Qwen2VlModel, RopeState};
+use super::{BlockHash, KvCache, KvCacheConfig, LlavaModel, ModelError, QuantReport, SeqInput};
 
 /// One preprocessed image in the shape its family's vision tower takes.
 #[derive(Debug, Clone)]
@@ -77,6 +77,14 @@ impl ChatCache {
             ChatCache::Qwen(c) => c.kv(),
         }
     }
+
+    /// Registers `seq_id`'s committed full blocks under their `hashes` (prefix caching).
+    pub fn register(&mut self, seq_id: u64, hashes: &[BlockHash]) {
+        match self {
+            ChatCache::Kv(c) => c.register(seq_id, hashes),
+            ChatCache::Qwen(c) => c.kv.register(seq_id, hashes),
+        }
+    }
 }
 
 /// Model types this module loads as chat models.
@@ -136,6 +144,44 @@ impl ChatModel {
             ChatModel::Qwen2Vl(m) => ChatCache::Qwen(m.new_cache(cfg)?),
             ChatModel::Idefics3(m) => ChatCache::Kv(m.new_cache(cfg)?),
         })
+    }
+
+    /// Starts new sequence `seq_id` (whose known tokens are `tokens`) from the cached blocks of
+    /// its leading block `hashes`; returns the positions they hold. Qwen2-VL's M-RoPE scan is
+    /// run over those positions (`grids`: its images' patch grids), so the tokens after them
+    /// are placed as without the cache; should that fail, nothing is reused.
+    pub fn attach_prefix(
+        &self,
+        cache: &mut ChatCache,
+        seq_id: u64,
+        hashes: &[BlockHash],
+        tokens: &[u32],
+        grids: &[[usize; 3]],
+    ) -> usize {
+        match (self, cache) {
+            (ChatModel::Qwen2Vl(m), ChatCache::Qwen(c)) => {
+                let hit = c.kv.attach(seq_id, hashes);
+                if hit == 0 {
+                    return 0;
+                }
+                let mut state = RopeState::default();
+                match tokens
+                    .get(..hit)
+                    .map(|p| m.rope_positions(&mut state, p, grids))
+                {
+                    Some(Ok(_)) => {
+                        c.rope.insert(seq_id, state);
+                        hit
+                    }
+                    _ => {
+                        c.remove(seq_id);
+                        0
+                    }
+                }
+            }
+            (_, ChatCache::Kv(c)) => c.attach(seq_id, hashes),
+            (_, ChatCache::Qwen(c)) => c.kv.attach(seq_id, hashes),
+        }
     }
 
     /// Encodes a step's images; returns each image's rows, (tokens_i, hidden).

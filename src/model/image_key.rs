@@ -18,6 +18,11 @@ use super::ImageInput;
 pub struct ImageKey([u8; 32]);
 
 impl ImageKey {
+    /// The digest itself (the prefix cache hashes it into its block hashes).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Hashes what the vision tower reads of `input`.
     pub fn of(input: &ImageInput) -> candle_core::Result<Self> {
         let mut h = Sha256::new();

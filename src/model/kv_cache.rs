@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Span;
+use super::block_pool::BlockHash;
 use super::blocks::{BlockTables, OutOfBlocks};
 
 /// How big the pool is.
@@ -125,6 +126,33 @@ impl KvCache {
 
     pub fn used_blocks(&self) -> usize {
         self.tables.used_blocks()
+    }
+
+    /// Free blocks that still hold a cached prefix block (prefix caching).
+    pub fn cached_blocks(&self) -> usize {
+        self.tables.cached_blocks()
+    }
+
+    /// Leading cached blocks of a sequence with full-block `hashes`, and how many of them are
+    /// cached-free (see [`BlockTables::cached_prefix`]).
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> (usize, usize) {
+        self.tables.cached_prefix(hashes)
+    }
+
+    /// Starts new sequence `seq_id` from the cached blocks of its leading `hashes`; returns the
+    /// positions they hold (the sequence's cached length).
+    pub fn attach(&mut self, seq_id: u64, hashes: &[BlockHash]) -> usize {
+        self.tables.attach(seq_id, hashes)
+    }
+
+    /// Registers `seq_id`'s committed full blocks under their `hashes` for later sequences.
+    pub fn register(&mut self, seq_id: u64, hashes: &[BlockHash]) {
+        self.tables.register(seq_id, hashes);
+    }
+
+    /// Blocks that removing `seq_id` would free (those no other sequence shares).
+    pub fn sole_blocks(&self, seq_id: u64) -> usize {
+        self.tables.sole_blocks(seq_id)
     }
 
     /// Positions the whole pool holds: the longest sequence it can ever take.

@@ -16,6 +16,7 @@
 mod activation;
 mod attention;
 mod batch;
+mod block_pool;
 mod blocks;
 mod config;
 mod decoder;
@@ -38,6 +39,7 @@ mod weights;
 
 pub use activation::Activation;
 pub use batch::SeqInput;
+pub use block_pool::BlockHash;
 pub use blocks::OutOfBlocks;
 pub use config::{FeatureSelect, LlavaConfig, VisionConfig, VisionKind};
 pub use error::ModelError;

@@ -105,6 +105,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
             cfg.engine.image_cache_bytes,
             metrics().image_cache(&m.served_name()),
         ),
+        prefix_caching: cfg.engine.enable_prefix_caching,
     });
     let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
     let serving = ChatServing {

@@ -85,6 +85,8 @@ pub struct ValidChatRequest {
     pub prompt_ids: Vec<u32>,
     /// Prepared images in prompt order, keyed.
     pub images: Vec<KeyedImage>,
+    /// Where each image's rows start in `prompt_ids` (prefix caching).
+    pub image_starts: Vec<usize>,
     /// Sampling per choice (they differ only by seed).
     pub choices: Vec<SamplingParams>,
     pub max_tokens: usize,
@@ -126,8 +128,10 @@ impl Validator {
                 ..sampling.clone()
             })
             .collect();
+        let image_starts = vision::image_starts(&prompt_ids, self.image_token_id, &conv.images);
         Ok(ValidChatRequest {
             prompt_ids,
+            image_starts,
             images: conv.images.into_iter().map(|p| p.input).collect(),
             choices,
             max_tokens,
@@ -266,5 +270,13 @@ mod tests {
     #[test]
     fn a_template_that_drops_an_image_is_refused() {
         assert!(expand_placeholders("x", "<i>", &[image(1, None)]).is_err());
+    }
+
+    #[test]
+    fn images_start_at_their_first_placeholder() {
+        const IMG: u32 = 9;
+        let images = [image(2, None), image(1, None)];
+        let starts = super::vision::image_starts(&[5, IMG, 6, IMG, 7, IMG], IMG, &images);
+        assert_eq!(starts, vec![1, 5]);
     }
 }

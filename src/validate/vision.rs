@@ -30,6 +30,25 @@ pub enum VisionPrep {
     },
 }
 
+/// Where each image's rows start in `prompt` (the position of its first placeholder token), the
+/// `i`-th image taking `images[i].tokens` placeholders after those of the images before it.
+pub fn image_starts(prompt: &[u32], image_token: u32, images: &[Prepared]) -> Vec<usize> {
+    let placeholders: Vec<usize> = prompt
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t == image_token)
+        .map(|(p, _)| p)
+        .collect();
+    images
+        .iter()
+        .scan(0, |before, image| {
+            let start = placeholders.get(*before).copied();
+            *before += image.tokens;
+            start
+        })
+        .collect()
+}
+
 /// One prepared image.
 pub struct Prepared {
     /// The vision tower's input, keyed for the encoder-output cache.
