@@ -81,8 +81,19 @@ async fn counts(base: &str, model: &str, before: &mut String) -> (f64, f64, f64)
     c
 }
 
+/// Every chat fixture, with the prefix cache off: a repeated prompt would reuse its image's KV
+/// blocks and never ask the image cache (`http_prefix` tests that path).
+fn without_prefix_cache() -> &'static str {
+    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| {
+        let mut cfg = common::config(&common::CHAT_MODELS);
+        cfg.engine.enable_prefix_caching = false;
+        common::start(cfg)
+    })
+}
+
 async fn resent_images_skip_the_encoder(model: &str) {
-    let base = common::server("image_cache");
+    let base = without_prefix_cache();
     let first = fixture_image(FIRST);
     let a = common::data_url(FIRST);
     let b = common::data_url(SECOND);
@@ -159,6 +170,7 @@ fn named(fixture: &str, name: &str, image_cache_bytes: usize) -> String {
     m.name = name.to_string();
     cfg.models = vec![m];
     cfg.engine.image_cache_bytes = image_cache_bytes;
+    cfg.engine.enable_prefix_caching = false;
     common::start(cfg)
 }
 
