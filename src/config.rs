@@ -98,7 +98,7 @@ impl ModelConfig {
             path,
             name: String::new(),
             kind: KindSetting::Auto,
-            dtype: Dtype::F32,
+            dtype: Dtype::Auto,
             quantize: None,
         }
     }
@@ -135,16 +135,19 @@ pub enum KindSetting {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// f32 on the CPU (it has no fast bf16 matmul), bf16 on a GPU.
     #[default]
+    Auto,
     F32,
     F16,
     Bf16,
 }
 
 impl Dtype {
+    /// The dtype on the CPU (where `auto` is f32).
     pub fn candle(self) -> candle_core::DType {
         match self {
-            Dtype::F32 => candle_core::DType::F32,
+            Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
             Dtype::F16 => candle_core::DType::F16,
             Dtype::Bf16 => candle_core::DType::BF16,
         }
@@ -197,6 +200,10 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Deadline of a request (queue and generation), in seconds; 0: none.
     pub request_timeout_secs: u64,
+    /// Where each chat model runs: one engine (thread, model copy, KV cache) per entry.
+    pub devices: Vec<String>,
+    /// On a GPU, the share of the memory free after loading the weights its KV cache takes.
+    pub gpu_memory_utilization: f64,
 }
 
 impl EngineConfig {
@@ -349,6 +356,17 @@ impl Config {
                 self.engine.max_batched_tokens, self.engine.max_num_seqs
             )));
         }
+        if self.engine.devices.is_empty() {
+            return Err(ConfigError::Invalid(
+                "engine.devices must name at least one device (\"cpu\" or \"cuda:N\")".into(),
+            ));
+        }
+        let share = self.engine.gpu_memory_utilization;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "engine.gpu_memory_utilization ({share}) must be in (0, 1]"
+            )));
+        }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(ConfigError::Invalid(
                 "server.api_keys must not hold an empty key".into(),
@@ -364,11 +382,13 @@ impl Config {
                 "server.cors_allow_origins: `{o}` is not `*` or an http(s) origin"
             )));
         }
-        if let Some(m) = self.models.iter().find(|m| m.dtype == Dtype::Bf16) {
+        let cpu_only = self.engine.devices.iter().all(|d| d.trim() == "cpu");
+        let bf16 = self.models.iter().find(|m| m.dtype == Dtype::Bf16);
+        if let Some(m) = bf16.filter(|_| cpu_only) {
             // candle has no bf16 matmul on CPU: every product would widen both sides to f32.
             return Err(ConfigError::Invalid(format!(
                 "model {}: dtype bf16 is about 15 times slower than f32 on CPU; use f32 or \
-                 f16 (bf16 checkpoints are converted when loaded)",
+                 f16 (bf16 checkpoints are converted when loaded), or a GPU (--devices cuda:0)",
                 m.path.display()
             )));
         }
@@ -424,7 +444,7 @@ mod tests {
         let cfg = Config::load(Some(&f)).unwrap();
         assert_eq!(cfg.models.len(), 2);
         assert_eq!(cfg.models[0].kind, KindSetting::Auto);
-        assert_eq!(cfg.models[0].dtype, Dtype::F32);
+        assert_eq!(cfg.models[0].dtype, Dtype::Auto);
         assert_eq!(cfg.models[1].kind, KindSetting::Embedding);
         assert_eq!(cfg.models[1].dtype, Dtype::F16);
         assert_eq!(cfg.models[0].quantize, Some(Quantize::Q8_0));

@@ -59,15 +59,19 @@ struct ServeArgs {
     /// Log lines as `text` or `json` (one object per line).
     #[arg(long, env = "MMSERVE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
-    /// Weight and activation dtype of every model f16 halves
-    /// the weights' memory; bf16 is refused (no CPU matmul kernel); bf16 checkpoints are
-    /// converted to this dtype when loaded.
+    /// Weight and activation dtype of every model: auto is f32 on CPU and bf16 on GPU; f16
+    /// halves the weights' memory; bf16 is refused on CPU (no matmul kernel there); bf16
+    /// checkpoints are converted to this dtype when loaded.
     #[arg(long, env = "MMSERVE_DTYPE", value_enum)]
     dtype: Option<Dtype>,
     /// Quantize every chat model's decoder projections at load to a GGML block type (faster
     /// CPU decoding, about 1/4 of the f32 weight memory for q8_0); the vision tower stays as is.
     #[arg(long, env = "MMSERVE_QUANTIZE", value_enum)]
     quantize: Option<Quantize>,
+    /// Devices to run each chat model on, one engine per entry: `cpu`, or `cuda:0,cuda:1`
+    /// (GPU builds).
+    #[arg(long, env = "MMSERVE_DEVICES", value_delimiter = ',')]
+    devices: Vec<String>,
     /// Most sequences decoded together in one engine step.
     #[arg(long, env = "MMSERVE_MAX_NUM_SEQS")]
     max_num_seqs: Option<usize>,
@@ -103,6 +107,7 @@ fn flag_defaults() -> Vec<(&'static str, String)> {
         ("log_format", format!("{} (server.log_format)", name(d.server.log_format.to_possible_value()))),
         ("dtype", format!("{} (models' dtype)", name(Dtype::default().to_possible_value()))),
         ("quantize", "none (models' quantize)".into()),
+        ("devices", format!("{} (engine.devices)", d.engine.devices.join(","))),
         ("max_num_seqs", format!("{} (engine.max_num_seqs)", d.engine.max_num_seqs)),
         ("max_batched_tokens", format!("{} (engine.max_batched_tokens)", d.engine.max_batched_tokens)),
         ("api_keys", "none (server.api_keys and server.api_keys_file still apply)".into()),
@@ -158,6 +163,9 @@ impl ServeArgs {
         }
         if let Some(f) = self.log_format {
             cfg.server.log_format = f;
+        }
+        if !self.devices.is_empty() {
+            cfg.engine.devices = self.devices.clone();
         }
         if let Some(n) = self.max_num_seqs {
             cfg.engine.max_num_seqs = n;
@@ -295,12 +303,14 @@ async fn bring_up(
         let name = m.served_name();
         let path = m.path.clone();
         let load_cfg = Arc::clone(&cfg);
-        let (served, engine_thread) =
+        let (served, engine_threads) =
             tokio::task::spawn_blocking(move || mmserve::startup::load(&load_cfg, &m, kind))
                 .await
                 .context("the loading task failed")??;
         state.install(&name, served);
-        watch_engine(engine_thread, name.clone(), stop.clone());
+        for thread in engine_threads {
+            watch_engine(thread, name.clone(), stop.clone());
+        }
         tracing::info!(model = %name, path = %path.display(), "model loaded");
         warmup::warm_up(state, &name, &cfg.debug)
             .await

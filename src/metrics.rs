@@ -43,6 +43,8 @@ pub struct Metrics {
     kv_usage: GaugeVec,
     cancelled: IntCounterVec,
     preempted: IntCounterVec,
+    /// Sequences waiting and running on each engine of a model, by device.
+    device_load: IntGaugeVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -198,6 +200,17 @@ impl Metrics {
                 "Preemptions (KV blocks freed, the sequence recomputed later).",
                 MODEL,
             ),
+            device_load: {
+                let opts = Opts::new(
+                    "mmserve:engine_num_requests",
+                    "Sequences on one engine of a model (one engine per device), by state.",
+                );
+                let labels = &["model_name", "device", "state"];
+                let g = IntGaugeVec::new(opts, labels).unwrap_or_else(|e| bad("device", e));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| bad("device", e));
+                g
+            },
             registry,
         }
     }
@@ -264,6 +277,15 @@ impl Metrics {
             total => s.kv_blocks_used as f64 / total as f64,
         };
         self.kv_usage.with_label_values(l).set(usage);
+    }
+
+    /// Sets the waiting and running gauges of a model's engine on `device`.
+    pub fn set_device_load(&self, name: &str, device: &str, s: &EngineStats) {
+        for (state, v) in [("waiting", s.waiting), ("running", s.running)] {
+            self.device_load
+                .with_label_values(&[name, device, state])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
     }
 
     /// Every family in the text exposition format.

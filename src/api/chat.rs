@@ -140,6 +140,16 @@ pub(super) fn submit(
     valid: &ValidChatRequest,
     opts: HeaderOptions,
 ) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let (reqs, receivers) = engine_requests(valid, opts);
+    serving.engine.submit_all(reqs)?;
+    Ok(receivers)
+}
+
+/// One engine request per choice, and the channels their events come back on.
+pub(super) fn engine_requests(
+    valid: &ValidChatRequest,
+    opts: HeaderOptions,
+) -> (Vec<EngineRequest>, Vec<UnboundedReceiver<Event>>) {
     let mut receivers = Vec::with_capacity(valid.choices.len());
     let mut reqs = Vec::with_capacity(valid.choices.len());
     for sampling in &valid.choices {
@@ -159,8 +169,7 @@ pub(super) fn submit(
         });
         receivers.push(rx);
     }
-    serving.engine.submit_all(reqs)?;
-    Ok(receivers)
+    (reqs, receivers)
 }
 
 /// Waits for every choice to finish and builds the JSON body.

@@ -26,10 +26,10 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::{ModelKind, ServerConfig};
 use crate::engine::embed::EmbedHandle;
-use crate::engine::{EngineHandle, EngineStats};
+use crate::engine::{EnginePool, EngineStats};
 use crate::metrics::ModelMetrics;
 use crate::openai::excerpt;
-use crate::openai::response::{ModelCard, ModelList};
+use crate::openai::response::{DeviceLoad, ModelCard, ModelList};
 use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
 use crate::validate::Validator;
@@ -39,7 +39,8 @@ use lifecycle::Lifecycle;
 /// A loaded chat model, ready to serve.
 pub struct ChatServing {
     pub validator: Arc<Validator>,
-    pub engine: EngineHandle,
+    /// Its engines, one per device.
+    pub engine: EnginePool,
     /// Token bytes and strings for logprobs.
     pub tokens: Arc<TokenTable>,
     /// Deadline of every request (queue and generation), if any.
@@ -56,6 +57,8 @@ pub struct EmbedServing {
     pub engine: EmbedHandle,
     /// Where its requests' prompt tokens are counted.
     pub metrics: ModelMetrics,
+    /// The device its engine runs on.
+    pub device: String,
 }
 
 /// A model once loaded.
@@ -78,6 +81,28 @@ impl Served {
             Served::Chat(c) => c.engine.is_alive(),
             Served::Embed(e) => e.engine.is_alive(),
         }
+    }
+
+    /// Each engine's device and load (one engine for an embedding model).
+    pub fn devices_stats(&self) -> Vec<(String, EngineStats)> {
+        match self {
+            Served::Chat(c) => c.engine.per_device(),
+            Served::Embed(e) => vec![(e.device.clone(), e.engine.stats())],
+        }
+    }
+
+    /// [`Self::devices_stats`] as `/v1/models` shows them.
+    fn devices(&self) -> Vec<DeviceLoad> {
+        self.devices_stats()
+            .into_iter()
+            .map(|(device, s)| DeviceLoad {
+                device,
+                waiting: s.waiting,
+                running: s.running,
+                kv_blocks_used: s.kv_blocks_used,
+                kv_blocks_total: s.kv_blocks_total,
+            })
+            .collect()
     }
 
     /// The engine's load, read without waiting for its thread.
@@ -276,6 +301,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
                     ModelKind::Chat => "chat",
                     ModelKind::Embedding => "embedding",
                 },
+                devices: m.served.get().map(Served::devices).unwrap_or_default(),
             })
             .collect(),
     })

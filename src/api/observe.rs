@@ -23,6 +23,9 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Response {
     for slot in &state.models {
         if let Some(served) = slot.served.get() {
             m.set_load(&slot.name, &served.stats());
+            for d in served.devices_stats() {
+                m.set_device_load(&slot.name, &d.0, &d.1);
+            }
         }
     }
     (

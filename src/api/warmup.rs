@@ -1,7 +1,7 @@
 //! The start-up warm-up of a loaded model, through the same validator and
 //! engine a request goes through (not through HTTP, so the request counters
-//! and latency histograms do not see it): a chat model encodes one canary
-//! image and generates one token; an embedding model embeds one text and the
+//! and latency histograms do not see it): each engine of a chat model (one per
+//! device) encodes one canary image and generates one token; an embedding model embeds one text and the
 //! canary image. `/ready` answers 200 only once every model has warmed up.
 
 use std::io::Cursor;
@@ -77,17 +77,22 @@ async fn warm_chat(c: &ChatServing, name: &str, hook: Option<TestHook>) -> Resul
     }))?;
     let validator = Arc::clone(&c.validator);
     let valid = off_runtime(move || validator.validate_chat(&req)).await?;
-    let opts = HeaderOptions {
-        deadline: None,
-        hook,
-    };
-    for mut rx in chat::submit(c, &valid, opts)? {
-        loop {
-            match rx.recv().await {
-                Some(Event::Token { .. }) => {}
-                Some(Event::Finished { .. }) => break,
-                Some(Event::Failed(e)) => return Err(e.into()),
-                None => return Err(EngineError::Stopped.into()),
+    // Every engine of the pool (one per device) runs the canary.
+    for member in c.engine.members() {
+        let opts = HeaderOptions {
+            deadline: None,
+            hook,
+        };
+        let (reqs, receivers) = chat::engine_requests(&valid, opts);
+        member.handle.submit_all(reqs)?;
+        for mut rx in receivers {
+            loop {
+                match rx.recv().await {
+                    Some(Event::Token { .. }) => {}
+                    Some(Event::Finished { .. }) => break,
+                    Some(Event::Failed(e)) => return Err(e.into()),
+                    None => return Err(EngineError::Stopped.into()),
+                }
             }
         }
     }

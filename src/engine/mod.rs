@@ -6,6 +6,7 @@ mod core;
 pub mod embed;
 pub mod image_cache;
 mod load;
+mod pool;
 mod prefix;
 pub mod sampling;
 pub mod scheduler;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 pub use self::core::{EngineCore, EngineParts};
 pub use load::{AliveGuard, EngineLoad, EngineStats};
+pub use pool::{EnginePool, PoolMember};
 use sampling::SamplingParams;
 pub use scheduler::SchedulerConfig;
 
@@ -60,6 +62,9 @@ pub enum TestHook {
     FailForward,
     /// Make every batched forward that includes this request panic.
     PanicForward,
+    /// Sleep a little before every batched forward that includes this request
+    /// (it stays running for a while, at any machine speed).
+    SlowForward,
     /// Panic while validating (preprocessing) the request.
     PanicValidation,
     /// Panic outside any guard: the engine thread dies.
@@ -71,6 +76,7 @@ impl TestHook {
         Some(match s {
             "fail-forward" => TestHook::FailForward,
             "panic-forward" => TestHook::PanicForward,
+            "slow-forward" => TestHook::SlowForward,
             "panic-validation" => TestHook::PanicValidation,
             "kill-engine" => TestHook::KillEngine,
             _ => return None,
@@ -152,6 +158,9 @@ enum Command {
     Submit(Box<EngineRequest>),
 }
 
+/// Why requests were not queued, and the requests when none of them was.
+pub type Refused = (EngineError, Option<Vec<EngineRequest>>);
+
 /// Cloneable async-side handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -179,15 +188,28 @@ impl EngineHandle {
     /// answer is [`EngineError::QueueFull`]. Events arrive on each request's
     /// own channel.
     pub fn submit_all(&self, reqs: Vec<EngineRequest>) -> Result<(), EngineError> {
+        self.try_submit_all(reqs).map_err(|(err, _)| err)
+    }
+
+    /// [`Self::submit_all`], giving the requests back when none was queued
+    /// (a full queue or a stopped engine), so another engine can take them.
+    pub fn try_submit_all(&self, reqs: Vec<EngineRequest>) -> Result<(), Refused> {
         let n = reqs.len();
         if !self.load.try_reserve(n) {
-            return Err(EngineError::QueueFull);
+            return Err((EngineError::QueueFull, Some(reqs)));
         }
-        for (sent, req) in reqs.into_iter().enumerate() {
-            if self.tx.send(Command::Submit(Box::new(req))).is_err() {
+        let mut reqs = reqs.into_iter();
+        let mut sent = 0;
+        while let Some(req) = reqs.next() {
+            if let Err(mpsc::SendError(Command::Submit(req))) =
+                self.tx.send(Command::Submit(Box::new(req)))
+            {
                 self.load.release(n - sent);
-                return Err(EngineError::Stopped);
+                // A closed channel refuses the first send: nothing was queued.
+                let back = (sent == 0).then(|| std::iter::once(*req).chain(reqs).collect());
+                return Err((EngineError::Stopped, back));
             }
+            sent += 1;
         }
         Ok(())
     }

@@ -22,6 +22,9 @@ use super::{guarded, EngineError, TestHook};
 use crate::metrics::observe;
 use crate::model::{KeyedImage, StepInput};
 
+/// How long a forward with a `slow-forward` test hook sleeps first.
+const SLOW_FORWARD: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The fault a test asked for, if any sequence of a batch carries one.
 fn injected(seqs: &[&Sequence]) -> Result<(), EngineError> {
     for s in seqs {
@@ -30,6 +33,7 @@ fn injected(seqs: &[&Sequence]) -> Result<(), EngineError> {
                 return Err(EngineError::Model("test hook: forward failed".into()))
             }
             Some(TestHook::PanicForward) => panic!("test hook: forward panicked"),
+            Some(TestHook::SlowForward) => std::thread::sleep(SLOW_FORWARD),
             _ => {}
         }
     }

@@ -110,4 +110,20 @@ pub struct ModelCard {
     pub max_model_len: Option<usize>,
     /// mmserve's extension: `chat` or `embedding`, the endpoint that serves the model.
     pub kind: &'static str,
+    /// mmserve's extension: each engine's device and load, once the model has loaded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceLoad>,
+}
+
+/// One engine of a model: its device and the sequences it holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceLoad {
+    /// `cpu`, `cuda:0`, ...
+    pub device: String,
+    /// Sequences waiting for a seat, and generating.
+    pub waiting: usize,
+    pub running: usize,
+    /// KV cache blocks in use, and in the engine's pool.
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
 }

@@ -1,21 +1,23 @@
-//! Loading a chat (LLaVA-family) model directory into a running engine and a
-//! validator.
+//! Loading a chat model directory into a validator and a pool of running engines, one per
+//! configured device.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use tokenizers::Tokenizer;
 
+use super::device::{self, OpenDevice};
 use super::read_json;
 use crate::api::ChatServing;
 use crate::config::{Config, ModelConfig, Quantize};
 use crate::engine::image_cache::ImageCache;
-use crate::engine::{EngineCore, EngineHandle, EngineParts, SchedulerConfig};
+use crate::engine::{
+    EngineCore, EngineHandle, EngineParts, EnginePool, PoolMember, SchedulerConfig,
+};
 use crate::metrics::metrics;
-use crate::model::{ChatModel, KvCacheConfig};
+use crate::model::{ChatCache, ChatModel, KvCacheConfig};
 use crate::preprocess::{
     read_image_processor, Idefics3ImageProcessor, Idefics3ImageTokens, ImageProcessor,
     Qwen2VlImageProcessor,
@@ -26,39 +28,41 @@ use crate::validate::params::SamplingDefaults;
 use crate::validate::vision::VisionPrep;
 use crate::validate::{ValidationLimits, Validator};
 
-/// Loads everything and starts the engine thread.
-pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()>)> {
+/// A chat model loaded on one device, with its KV cache.
+struct OnDevice {
+    device: String,
+    model: ChatModel,
+    cache: ChatCache,
+}
+
+/// Loads everything and starts one engine thread per configured device.
+pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, Vec<JoinHandle<()>>)> {
     let dir = m.path.as_path();
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let tokenizer = Arc::new(tokenizer);
     let template = ChatTemplate::from_model_dir(dir)?;
-    let mut model = ChatModel::load(dir, m.dtype.candle(), &Device::Cpu)
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-    if let Some(q) = m.quantize {
-        quantize(&mut model, q, &m.served_name())?;
-    }
-    let vision = vision_prep(dir, &model)?;
-    let cache = model
-        .new_cache(&KvCacheConfig {
-            block_size: cfg.engine.block_size,
-            max_bytes: cfg.engine.kv_cache_bytes,
-            max_tokens: cfg.engine.max_num_seqs.saturating_mul(model.max_context()),
-        })
-        .context("cannot size the KV cache (engine.kv_cache_bytes)")?;
+    let loaded = device::open_all(&cfg.engine.devices)?
+        .into_iter()
+        .map(|d| load_on(cfg, m, d))
+        .collect::<Result<Vec<_>>>()?;
+    // Every engine runs the same weights; `open_all` gives at least one.
+    let first = &loaded[0].model;
+    let vision = vision_prep(dir, first)?;
     // A sequence alone must always fit the pool, or it could never finish.
-    let max_context = model.max_context().min(cache.kv().capacity_tokens());
-    if max_context < model.max_context() {
+    let kv_tokens = loaded.iter().map(|l| l.cache.kv().capacity_tokens()).min();
+    let max_context = first.max_context().min(kv_tokens.unwrap_or(0));
+    if max_context < first.max_context() {
         tracing::warn!(
             model = %m.served_name(),
             kv_tokens = max_context,
-            model_context = model.max_context(),
+            model_context = first.max_context(),
             "the KV cache holds fewer positions than the model's context: requests are limited to it"
         );
     }
 
-    let image_token_id = model.image_token_id();
+    let image_token_id = first.image_token_id();
     let image_token = tokenizer.id_to_token(image_token_id).with_context(|| {
         format!(
             "the image token id {image_token_id} is not in {}",
@@ -89,25 +93,37 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         },
         sampling_defaults,
     };
-    let core = EngineCore::new(EngineParts {
+    let mut members = Vec::with_capacity(loaded.len());
+    let mut threads = Vec::with_capacity(loaded.len());
+    for OnDevice {
+        device,
         model,
-        tokenizer,
-        tokens: Arc::clone(&tokens),
-        eos_token_ids,
-        scheduler: SchedulerConfig {
-            max_num_seqs: cfg.engine.max_num_seqs,
-            max_batched_tokens: cfg.engine.max_batched_tokens,
-        },
         cache,
-        max_waiting: cfg.engine.max_waiting,
-        metrics: metrics().engine(&m.served_name()),
-        image_cache: ImageCache::new(
-            cfg.engine.image_cache_bytes,
-            metrics().image_cache(&m.served_name()),
-        ),
-        prefix_caching: cfg.engine.enable_prefix_caching,
-    });
-    let (engine, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
+    } in loaded
+    {
+        let core = EngineCore::new(EngineParts {
+            model,
+            tokenizer: Arc::clone(&tokenizer),
+            tokens: Arc::clone(&tokens),
+            eos_token_ids: eos_token_ids.clone(),
+            scheduler: SchedulerConfig {
+                max_num_seqs: cfg.engine.max_num_seqs,
+                max_batched_tokens: cfg.engine.max_batched_tokens,
+            },
+            cache,
+            max_waiting: cfg.engine.max_waiting,
+            metrics: metrics().engine(&m.served_name()),
+            image_cache: ImageCache::new(
+                cfg.engine.image_cache_bytes,
+                metrics().image_cache(&m.served_name()),
+            ),
+            prefix_caching: cfg.engine.enable_prefix_caching,
+        });
+        let (handle, join) = EngineHandle::spawn(core).context("cannot start the engine thread")?;
+        members.push(PoolMember { device, handle });
+        threads.push(join);
+    }
+    let engine = EnginePool::new(members).context("no engine started")?;
     let serving = ChatServing {
         validator: Arc::new(validator),
         engine,
@@ -116,7 +132,31 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, JoinHandle<()
         test_hooks: cfg.debug.test_hooks,
         metrics: metrics().model(&m.served_name()),
     };
-    Ok((serving, join))
+    Ok((serving, threads))
+}
+
+/// Loads the weights onto one device and sizes its KV cache.
+fn load_on(cfg: &Config, m: &ModelConfig, d: OpenDevice) -> Result<OnDevice> {
+    let dir = m.path.as_path();
+    let dtype = device::compute_dtype(m.dtype, &d.device);
+    let mut model = ChatModel::load(dir, dtype, &d.device)
+        .with_context(|| format!("cannot load the model in {} on {}", dir.display(), d.name))?;
+    if let Some(q) = m.quantize {
+        quantize(&mut model, q, &m.served_name())?;
+    }
+    let cache = model
+        .new_cache(&KvCacheConfig {
+            block_size: cfg.engine.block_size,
+            max_bytes: device::kv_cache_bytes(&cfg.engine, &d.device)?,
+            max_tokens: cfg.engine.max_num_seqs.saturating_mul(model.max_context()),
+        })
+        .context("cannot size the KV cache (engine.kv_cache_bytes)")?;
+    tracing::info!(model = %m.served_name(), device = %d.name, ?dtype, "weights loaded");
+    Ok(OnDevice {
+        device: d.name,
+        model,
+        cache,
+    })
 }
 
 /// Quantizes the decoder in place and says once what it did.

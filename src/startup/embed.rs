@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::device;
 use anyhow::{Context, Result};
-use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::api::EmbedServing;
@@ -17,7 +17,7 @@ use crate::preprocess::{read_image_processor, ImageProcessor};
 use crate::text::TokenTable;
 use crate::validate::embed::EmbedValidator;
 
-pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<()>)> {
+pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, Vec<JoinHandle<()>>)> {
     let dir = m.path.as_path();
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)
@@ -26,7 +26,10 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
     if let Some(q) = m.quantize {
         tracing::warn!(model = %m.served_name(), quantize = ?q, "quantization applies to chat models only: this embedding model stays as loaded");
     }
-    let model = EmbeddingModel::load(dir, m.dtype.candle(), &Device::Cpu)
+    // Embedding models are small: one engine, on the first configured device.
+    let dev = device::open_all(&cfg.engine.devices)?.swap_remove(0);
+    let dtype = device::compute_dtype(m.dtype, &dev.device);
+    let model = EmbeddingModel::load(dir, dtype, &dev.device)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     let max_token_bytes = TokenTable::new(&tokenizer).longest_token_bytes();
     let validator = EmbedValidator {
@@ -49,6 +52,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, JoinHandle<(
         validator: Arc::new(validator),
         engine,
         metrics: metrics().model(&m.served_name()),
+        device: dev.name,
     };
-    Ok((serving, join))
+    Ok((serving, vec![join]))
 }

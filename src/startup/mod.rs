@@ -4,6 +4,7 @@
 
 mod chat;
 pub mod demo;
+mod device;
 mod embed;
 mod progress;
 
@@ -60,8 +61,12 @@ pub fn model_kind(m: &ModelConfig) -> Result<ModelKind> {
     }
 }
 
-/// Loads one model of a known kind and starts its engine thread.
-pub fn load(cfg: &Config, m: &ModelConfig, kind: ModelKind) -> Result<(Served, JoinHandle<()>)> {
+/// Loads one model of a known kind and starts its engine threads (one per device).
+pub fn load(
+    cfg: &Config,
+    m: &ModelConfig,
+    kind: ModelKind,
+) -> Result<(Served, Vec<JoinHandle<()>>)> {
     let progress = progress::start(&m.served_name(), &m.path);
     let loaded = match kind {
         ModelKind::Chat => {
