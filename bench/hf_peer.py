@@ -4,7 +4,8 @@
     .venv/bin/python bench/hf_peer.py MODEL_DIR --image photo.jpg [--threads 2] [--json out.json]
 
 Same prompts as bench/loadgen.py (text, and one image plus text, each prompt numbered, each image
-marked), greedy, exactly MAX_TOKENS new tokens (`min_new_tokens`), f32, torch on THREADS threads.
+marked), greedy, exactly MAX_TOKENS new tokens (`min_new_tokens`), f32 on the CPU by default
+(`--device cuda --dtype bfloat16` for scripts/gpu-check.sh), torch on THREADS threads.
 For each kind and batch size it reports TTFT (from the processor call to the first new token,
 so image preprocessing counts as it does for a server), time per output token after the first,
 aggregate output tokens/s (batch x tokens / wall time) and the process's peak RSS during the
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoProcessor, Idefics3ForConditionalGeneration  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from loadgen import IMAGE_TEXT, TEXT, marked, proc_kib, reset_hwm  # noqa: E402
@@ -58,7 +59,7 @@ def run_once(model, processor, kind, batch, start, base_image, max_tokens):
     convs, images = conversations(kind, batch, start, base_image)
     t0 = time.perf_counter()
     prompts = processor.apply_chat_template(convs, add_generation_prompt=True)
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True).to(model.device)
     clock = Clock()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -79,10 +80,13 @@ def main():
     p.add_argument("--kinds", default="text,image")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu-check.sh)")
+    p.add_argument("--dtype", default="float32", help="float32, or bfloat16 on a GPU")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = Idefics3ForConditionalGeneration.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     processor = AutoProcessor.from_pretrained(args.model_dir)
     processor.tokenizer.padding_side = "left"
     base_image = Image.open(args.image).convert("RGB")
@@ -102,7 +106,8 @@ def main():
             print(f"transformers {kind:5} batch {batch}: TTFT {r['ttft_s']:7.3f} s  TPOT {r['tpot_ms']:7.1f} ms  "
                   f"{r['output_tok_s']:7.1f} tok/s  prompt {r['prompt_tokens']} tokens  "
                   f"peak RSS {r['peak_rss_mb'] or 0:7.0f} MB", flush=True)
-    out = {"threads": args.threads, "torch": torch.__version__, "runs": runs}
+    out = {"threads": args.threads, "torch": torch.__version__, "device": args.device,
+           "dtype": args.dtype, "runs": runs}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
