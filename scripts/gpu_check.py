@@ -210,21 +210,27 @@ def token_texts(model_dir, ids):
     return [tok.decode([i], skip_special_tokens=False) for i in ids]
 
 
-def weight_bytes(model_dir):
+def weight_bytes(model_dir, width):
     """Bytes a batch-1 decode step reads: every decoder weight (not the vision tower, not the
-    embedding rows, but the lm_head, tied or not), at the served dtype (bf16 on a GPU)."""
+    embedding rows, but the lm_head, tied or not), at `width` bytes a weight (the served dtype:
+    bf16 on a GPU, f32 on a CPU)."""
     from safetensors import safe_open
+    files = list(Path(model_dir).glob("*.safetensors"))
+    keys = [k for f in files for k in safe_open(str(f), "pt").keys()]
+    tied = not any("lm_head" in k for k in keys)
     total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
+    for f in files:
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
                 if "visual" in k or "vision" in k or "connector" in k or "multi_modal" in k:
                     continue
+                if "embed_tokens" in k and not tied:
+                    continue  # only its looked-up rows are read; the lm_head is read whole
                 shape = st.get_slice(k).get_shape()
                 n = 1
                 for d in shape:
                     n *= d
-                total += n * 2
+                total += n * width
     return total
 
 
@@ -243,7 +249,8 @@ def bench(out, binary, device, model_dir, name):
     batches = os.environ.get("HF_BATCHES", "1,16")
     subprocess.run([py, str(ROOT / "bench/hf_peer.py"), model_dir, "--image", str(photo), "--device", device,
                     "--dtype", dtype, "--batches", batches, "--json", f"{out}/hf-{name}.json"], check=True)
-    save(out, f"weights-{name}", {"decode_weight_bytes": weight_bytes(model_dir)})
+    width = 2 if device == "cuda" else 4
+    save(out, f"weights-{name}", {"decode_weight_bytes": weight_bytes(model_dir, width)})
 
 
 def table(out):
