@@ -135,7 +135,8 @@ pub enum KindSetting {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
-    /// f32 on the CPU (it has no fast bf16 matmul), bf16 on a GPU.
+    // f32 on the CPU (it has no fast bf16 matmul), bf16 on a GPU. (A plain comment: a doc
+    // comment would make clap list every value in `--help` on lines of their own.)
     #[default]
     Auto,
     F32,

@@ -174,3 +174,32 @@ fn dtype_and_quantize_values_are_checked() {
     assert!(!ok);
     assert!(text.contains("q8_0") && text.contains("q4k"), "{text}");
 }
+
+#[test]
+fn a_device_this_build_cannot_use_is_one_line() {
+    let model = common::model_dir("llava-clip-llama");
+    let model = model.to_str().unwrap();
+    let serve = |devices: &str| {
+        one_line_error(&[
+            "serve",
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--devices",
+            devices,
+        ])
+    };
+    let line = serve("cpu,tpu:0");
+    assert!(
+        line.contains("`tpu:0`") && line.contains("cuda:N"),
+        "{line}"
+    );
+    if !cfg!(feature = "cuda") {
+        let line = serve("cuda:0");
+        assert!(
+            line.contains("cuda:0") && line.contains("build-cuda.sh"),
+            "{line}"
+        );
+    }
+}

@@ -151,7 +151,7 @@ fn load_on(cfg: &Config, m: &ModelConfig, d: OpenDevice) -> Result<OnDevice> {
             max_tokens: cfg.engine.max_num_seqs.saturating_mul(model.max_context()),
         })
         .context("cannot size the KV cache (engine.kv_cache_bytes)")?;
-    tracing::info!(model = %m.served_name(), device = %d.name, ?dtype, "weights loaded");
+    tracing::info!(model = %m.served_name(), device = %d.name, ?dtype, "engine weights on device");
     Ok(OnDevice {
         device: d.name,
         model,
