@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::live::{long_request, OpenStream, HOOK};
+use common::live::{long_request, poll, OpenStream, HOOK};
 use common::{chat, content, expected_text, greedy};
 use mmserve::config::Config;
 use serde_json::Value;
@@ -34,15 +32,7 @@ async fn engines(base: &str, model: &str) -> Vec<Value> {
 
 /// Polls `/v1/models` until `model`'s engines satisfy `ok` (a minute at most).
 async fn wait_for(base: &str, model: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let e = engines(base, model).await;
-        if ok(&e) {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "{model}: never settled: {e:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll(|| engines(base, model), |e| ok(e)).await
 }
 
 /// Each forward of a request with this hook sleeps 20 ms: 400 tokens keep it running for

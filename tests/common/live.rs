@@ -121,13 +121,21 @@ pub async fn stats(base: &str, model: &str) -> Value {
 
 /// Polls `/health` until `model`'s figures satisfy `ok` (a minute at most).
 pub async fn wait_for_stats(base: &str, model: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    poll(|| stats(base, model), ok).await
+}
+
+/// Reads `read` every 20 ms until its value satisfies `ok`; fails after a minute.
+pub async fn poll<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    mut read: impl FnMut() -> F,
+    ok: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = stats(base, model).await;
-        if ok(&s) {
-            return s;
+        let v = read().await;
+        if ok(&v) {
+            return v;
         }
-        assert!(Instant::now() < deadline, "stats never settled: {s}");
+        assert!(Instant::now() < deadline, "never settled: {v:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
