@@ -93,7 +93,7 @@ def reset_hwm(pid):
         return False
 
 
-def marked(base, i, corner):
+def marked(base, i, corner=False):
     """A copy of the PIL image `base` with an 8x8 marker of its own in the top-left corner, or
     with `corner` in the bottom-right one."""
     img = base.copy()
