@@ -1,7 +1,8 @@
 //! This machine's limits for `bench/`, measured in the same session as the load: memory
-//! bandwidth (a parallel read-sum and a parallel copy of 1 GiB on plain threads) and candle's
+//! bandwidth (a parallel read-sum and a parallel copy of 1 GiB on plain threads), candle's
 //! `Linear` speed in f32 and f16 at decode shapes (small m: bound by reading the weights) and
-//! prefill shapes (large m: bound by compute). Prints one JSON object on stdout, a table on
+//! prefill shapes (large m: bound by compute), and mmserve's own small-m kernel at the decode
+//! shapes it takes (`dtype` "f32 small-m"). Prints one JSON object on stdout, a table on
 //! stderr.
 //!
 //! ```text
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
+use mmserve::model::small_m;
 
 /// Bytes of each bandwidth buffer.
 const BANDWIDTH_BYTES: usize = 1 << 30;
@@ -110,10 +112,28 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Sum with 16 independent lanes, so the loop vectorises and is bound by memory.
+/// Sum with 64 independent lanes, so the loop vectorises and is bound by memory; compiled for
+/// AVX-512 where the CPU has it (as the decode kernel in `src/model/small_m.rs` is), so that
+/// the figure is the machine's read ceiling, not that of SSE2 code.
 fn lane_sum(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected just above.
+        return unsafe { lane_sum_avx512(xs) };
+    }
+    lane_sum_plain(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_sum_avx512(xs: &[f32]) -> f32 {
+    lane_sum_plain(xs)
+}
+
+#[inline(always)]
+fn lane_sum_plain(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 64];
+    let chunks = xs.chunks_exact(64);
     let tail: f32 = chunks.remainder().iter().sum();
     for c in chunks {
         for (a, x) in acc.iter_mut().zip(c) {
@@ -163,6 +183,23 @@ fn linear_secs(shape: &Shape, dtype: DType, reps: usize) -> candle_core::Result<
     err.map_or(Ok(secs), Err)
 }
 
+/// Seconds per product of `shape` by mmserve's small-m kernel (f32), when it takes the shape.
+fn kernel_secs(shape: &Shape, reps: usize) -> candle_core::Result<Option<f64>> {
+    if shape.m > small_m::SMALL_M {
+        return Ok(None);
+    }
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.02, (shape.n, shape.k), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (shape.m, shape.k), &dev)?;
+    let mut err = None;
+    let secs = best_of(reps, || {
+        if let Err(e) = small_m::matmul_t(&x, &w) {
+            err = Some(e);
+        }
+    });
+    err.map_or(Ok(Some(secs)), Err)
+}
+
 fn main() -> candle_core::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 2 } else { 7 };
@@ -171,8 +208,12 @@ fn main() -> candle_core::Result<()> {
     eprintln!("threads {threads}: read {read:.1} GB/s, copy {copy:.1} GB/s (read + write)");
     let mut rows = Vec::new();
     for shape in SHAPES {
-        for (dtype, name, bytes) in [(DType::F32, "f32", 4.0), (DType::F16, "f16", 2.0)] {
-            let secs = linear_secs(shape, dtype, reps)?;
+        let kernel = kernel_secs(shape, reps)?.map(|s| (s, "f32 small-m", 4.0));
+        let candle = [(DType::F32, "f32", 4.0), (DType::F16, "f16", 2.0)]
+            .into_iter()
+            .map(|(dtype, name, bytes)| Ok((linear_secs(shape, dtype, reps)?, name, bytes)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for (secs, name, bytes) in candle.into_iter().chain(kernel) {
             let (m, k, n) = (shape.m as f64, shape.k as f64, shape.n as f64);
             let gflops = 2.0 * m * k * n / secs / 1e9;
             let weight_gbs = n * k * bytes / secs / 1e9;

@@ -80,7 +80,7 @@ impl Module for Linear {
     /// (..., in) -> (..., out), in the input's dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(l) => l.forward(xs),
+            Self::Dense(l) => dense_forward(l, xs),
             Self::Quantized { weight, bias } => {
                 let ys = weight.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?;
                 let ys = match bias {
@@ -91,6 +91,24 @@ impl Module for Linear {
             }
         }
     }
+}
+
+/// `x @ W^T + b` with the small-m kernel when a step has few rows (decoding), else candle's.
+fn dense_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    let Some((&input, lead)) = xs.dims().split_last() else {
+        return l.forward(xs);
+    };
+    let rows = lead.iter().product::<usize>();
+    let Some(ys) = super::small_m::matmul_t(&xs.reshape((rows, input))?, l.weight())? else {
+        return l.forward(xs);
+    };
+    let ys = match l.bias() {
+        Some(b) => ys.broadcast_add(b)?,
+        None => ys,
+    };
+    let mut shape = lead.to_vec();
+    shape.push(ys.dim(1)?);
+    ys.reshape(shape)
 }
 
 #[cfg(test)]

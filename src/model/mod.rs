@@ -10,7 +10,7 @@
 //! Mistral decoder, in both the transformers 5.x and the 4.x hub tensor layouts.
 //!
 //! Files: `config` / `text_config` / `rope` / `json` (parsing), `weights` (files and layouts),
-//! `vision`, `decoder`, `attention`, `norm`, `activation` (layers), `kv_cache`, `batch` (step
+//! `vision`, `decoder`, `attention`, `norm`, `activation`, `linear`, `small_m` (layers), `kv_cache`, `batch` (step
 //! input), `llava` (the model), `error`.
 
 mod activation;
@@ -30,8 +30,10 @@ mod kv_cache;
 mod linear;
 mod llava;
 mod norm;
+mod par;
 pub mod qwen2vl;
 mod rope;
+pub mod small_m;
 mod splice;
 mod text_config;
 mod vision;

@@ -1,0 +1,52 @@
+//! Splitting an output buffer across candle's CPU thread pool (the spinning pool its quantized
+//! kernels use: the calling thread works too, and a worker spins between a step's many small
+//! calls instead of sleeping and waking as rayon's do).
+
+/// Calls `f(index, chunk)` for every `chunk`-long piece of `out` (the last may be shorter), the
+/// pieces shared out across the pool's threads.
+pub fn for_each_chunk_mut(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let (len, chunk) = (out.len(), chunk.max(1));
+    let base = Disjoint(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(chunk), |items| {
+        for i in items {
+            let start = i * chunk;
+            // SAFETY: each index is handed to one call only, so its piece is written by that
+            // call alone; `out` is borrowed mutably until `execute_chunked` returns, which is
+            // after every call has finished.
+            let piece = unsafe { base.slice(start, chunk.min(len - start)) };
+            f(i, piece);
+        }
+    });
+}
+
+/// The output buffer, shared by the pool's threads; each writes its own pieces.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+
+// SAFETY: used only through `slice`, whose callers take disjoint ranges.
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    /// SAFETY: `start..start + len` lies in the buffer and overlaps no other live slice.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_piece_once_with_its_index() {
+        let mut out = vec![0f32; 1003];
+        for_each_chunk_mut(&mut out, 10, |i, piece| {
+            for v in piece.iter_mut() {
+                *v += i as f32 + 1.0;
+            }
+        });
+        let want: Vec<f32> = (0..1003).map(|j| (j / 10) as f32 + 1.0).collect();
+        assert_eq!(out, want);
+    }
+}
