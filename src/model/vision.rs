@@ -11,6 +11,9 @@ use super::activation::Activation;
 use super::attention::softmax_f32;
 use super::config::{VisionConfig, VisionKind};
 
+/// Most bytes of attention scores computed at once (heads are taken in groups under it).
+const SCORES_BYTES: usize = 16 << 20;
+
 #[derive(Debug)]
 struct VisionAttention {
     q: Linear,
@@ -44,15 +47,26 @@ impl VisionAttention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q.forward(xs)?)?;
+        // Scaling the queries rather than the (S x S) scores: S / head_dim times less work,
+        // the same product up to one rounding.
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = split((self.q.forward(xs)? * scale)?)?;
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // (N, heads, S, S)
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = softmax_f32(&scores, mask)?;
+        // A few heads at a time keep the (N, heads, S, S) scores small: 48 MiB for one
+        // 1024-patch tile with 12 heads would be mapped fresh (and page-faulted) by every layer.
+        let per = (SCORES_BYTES / (n * s * s * 4).max(1)).clamp(1, self.heads);
+        let mut ctx = Vec::with_capacity(self.heads.div_ceil(per));
+        for first in (0..self.heads).step_by(per) {
+            let len = per.min(self.heads - first);
+            let part = |t: &Tensor| t.narrow(1, first, len)?.contiguous();
+            // (N, len, S, S)
+            let scores = part(&q)?.matmul(&part(&k)?.t()?)?;
+            let probs = softmax_f32(&scores, mask)?;
+            ctx.push(probs.matmul(&part(&v)?)?);
+        }
         // (N, heads, S, head_dim) -> (N, S, D)
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, s, d))?;
+        let ctx = Tensor::cat(&ctx, 1)?.transpose(1, 2)?.reshape((n, s, d))?;
         self.out.forward(&ctx)
     }
 }
