@@ -186,6 +186,8 @@ impl Quantize {
 pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_batched_tokens: usize,
+    /// Most image tokens whose vision encoder runs in one step; 0: automatic (by device).
+    pub max_encoder_tokens: usize,
     /// Bytes of the paged KV cache of each chat model.
     pub kv_cache_bytes: usize,
     /// Bytes of vision-encoder output each chat model keeps by image hash;

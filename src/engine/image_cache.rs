@@ -51,6 +51,11 @@ impl ImageCache {
         self.bytes
     }
 
+    /// Whether `key`'s rows are held (without touching the order of use).
+    pub fn holds(&self, key: &ImageKey) -> bool {
+        self.entries.contains(key)
+    }
+
     /// The rows of `key`, now the most recently used.
     fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
         self.entries.get(key).cloned()

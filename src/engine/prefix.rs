@@ -11,6 +11,8 @@
 //! prefix is never shortened. Qwen2-VL's M-RoPE state is rebuilt over the cached tokens
 //! (`ChatModel::attach_prefix`), so the remaining tokens get the positions they would have had.
 
+use std::collections::HashSet;
+
 use sha2::{Digest, Sha256};
 
 use super::core::EngineCore;
@@ -45,8 +47,10 @@ pub fn extend_chain(
 
 impl EngineCore {
     /// The scheduler's view of waiting `s`: with prefix caching, the cached run of its blocks
-    /// counts as cached.
-    pub(super) fn waiting_state(&self, s: &Sequence) -> SeqState {
+    /// counts as cached. Its image tokens count against the encoder budget when one of its
+    /// images is neither in the image cache nor in `queued` (the images of the sequences ahead
+    /// of it in this plan, e.g. another choice of the same request); its images join `queued`.
+    pub(super) fn waiting_state(&self, s: &Sequence, queued: &mut HashSet<ImageKey>) -> SeqState {
         let kv = self.cache.kv();
         let (blocks, revives) = if self.prefix_caching {
             kv.cached_prefix(s.reusable_hashes(kv.block_size()))
@@ -54,11 +58,20 @@ impl EngineCore {
             (0, 0)
         };
         let cached = blocks * kv.block_size();
+        let mut encoder = s.encoder_tokens(self.model.image_token_id(), cached);
+        let mut new = false;
+        for img in &s.images {
+            new |= !self.image_cache.holds(&img.key) && queued.insert(img.key);
+        }
+        if !new {
+            encoder = 0;
+        }
         SeqState {
             cached,
             uncached: s.tokens.len() - cached,
             frees: 0,
             revives,
+            encoder,
         }
     }
 

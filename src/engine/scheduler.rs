@@ -15,6 +15,12 @@
 //! never in a step that preempted: the queue is never skipped, so nobody starves. A waiting
 //! sequence whose prompt starts with cached blocks (prefix caching) counts them as `cached`: it
 //! needs blocks only for the rest, plus the cached-free ones it takes back (`revives`).
+//!
+//! Images are encoded in the step that admits their sequence. Admission also stops at the
+//! encoder budget (`max_encoder_tokens`, image tokens per step), though the first sequence
+//! with images in a step always goes: where the encoder already fills the machine, encoding
+//! four images together makes all four wait as long as the last, one a step answers the first
+//! after one encoder pass.
 
 /// Limits that shape each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +29,8 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks plus decodes) in one forward pass.
     pub max_batched_tokens: usize,
+    /// Most image tokens whose vision encoder runs in one step (beyond the first sequence's).
+    pub max_encoder_tokens: usize,
 }
 
 /// A sequence as the scheduler sees it.
@@ -36,6 +44,8 @@ pub struct SeqState {
     pub frees: usize,
     /// Waiting: cached-free blocks its cached prefix takes off the free count when admitted.
     pub revives: usize,
+    /// Waiting: image tokens whose encoder must run before its first chunk (0: none, or done).
+    pub encoder: usize,
 }
 
 /// The KV block pool right now.
@@ -138,6 +148,8 @@ fn admit(
     (mut budget, mut free): (usize, usize),
 ) {
     let mut seats = cfg.max_num_seqs.saturating_sub(running);
+    let mut encoder = cfg.max_encoder_tokens;
+    let mut encoding = false;
     for (j, &w) in waiting.iter().enumerate() {
         let whole = blocks.of(w.cached + w.uncached);
         if j == 0 && whole > blocks.total {
@@ -148,6 +160,13 @@ fn admit(
         let need = blocks.growth(w, w.uncached) + w.revives;
         if seats == 0 || budget == 0 || need > free {
             return;
+        }
+        if w.encoder > 0 {
+            if encoding && w.encoder > encoder {
+                return;
+            }
+            encoder = encoder.saturating_sub(w.encoder);
+            encoding = true;
         }
         let n = w.uncached.min(budget);
         free -= need;
@@ -164,6 +183,7 @@ mod tests {
     const CFG: SchedulerConfig = SchedulerConfig {
         max_num_seqs: 4,
         max_batched_tokens: 100,
+        max_encoder_tokens: 1000,
     };
 
     /// Plenty of blocks of 4 tokens.
@@ -179,6 +199,7 @@ mod tests {
             uncached: n,
             frees: 0,
             revives: 0,
+            encoder: 0,
         }
     }
 
@@ -189,6 +210,7 @@ mod tests {
             uncached: 1,
             frees: cached.div_ceil(4),
             revives: 0,
+            encoder: 0,
         }
     }
 
@@ -234,6 +256,7 @@ mod tests {
             uncached: 150,
             frees: 25,
             revives: 0,
+            encoder: 0,
         };
         // Mid-prefill and oldest, it leaves one token to each decode behind it.
         let p = plan(&CFG, ROOMY, &[mid, decoding(7), decoding(8)], &[]);
@@ -319,6 +342,28 @@ mod tests {
     }
 
     #[test]
+    fn images_are_encoded_within_the_encoder_budget() {
+        let image = |tokens| SeqState {
+            encoder: tokens,
+            ..prompt(tokens + 5)
+        };
+        let tight = SchedulerConfig {
+            max_encoder_tokens: 64,
+            ..CFG
+        };
+        // The first request with images goes even beyond the budget; the next waits (FCFS:
+        // the text prompt behind it waits too), however much token budget is left.
+        let waiting = [image(80), image(10), prompt(3)];
+        assert_eq!(plan(&tight, ROOMY, &[], &waiting).admit, vec![85]);
+        // Within the budget, images are encoded together.
+        let small = [image(30), image(30), image(30), prompt(3)];
+        assert_eq!(plan(&tight, ROOMY, &[], &small).admit, vec![35, 35]);
+        // Text-only prompts do not spend it.
+        let mixed = [prompt(3), image(64), prompt(4)];
+        assert_eq!(plan(&tight, ROOMY, &[], &mixed).admit, vec![3, 69, 4]);
+    }
+
+    #[test]
     fn a_preempted_sequence_is_recomputed_in_chunks() {
         // Back in the queue with 120 prompt + 30 generated tokens, none cached.
         let p = plan(&CFG, ROOMY, &[], &[prompt(150)]);
@@ -338,6 +383,7 @@ mod tests {
             uncached: 4,
             frees: 0,
             revives: 0,
+            encoder: 0,
         };
         assert_eq!(plan(&CFG, b, &[], &[hit, prompt(8)]).admit, vec![4, 8]);
         // Cached-free blocks it takes back count against the free ones: 1 + 3 > 3.

@@ -176,13 +176,24 @@ impl Sequence {
     /// Whether an image row of the prompt lies past the cached tokens, so the images must be
     /// encoded (they need not be when a cached prefix holds them all).
     pub fn needs_image_rows(&self, image_token: u32) -> bool {
-        self.image_rows.is_none()
+        self.encoder_tokens(image_token, self.cached) > 0
+    }
+
+    /// The prompt's image tokens when its images must be encoded with the first `cached`
+    /// tokens in the KV cache, else 0.
+    pub fn encoder_tokens(&self, image_token: u32, cached: usize) -> usize {
+        let prompt = self.prompt();
+        let needed = self.image_rows.is_none()
             && !self.images.is_empty()
-            && self
-                .prompt()
+            && prompt
                 .iter()
                 .rposition(|&t| t == image_token)
-                .is_some_and(|last| last >= self.cached)
+                .is_some_and(|last| last >= cached);
+        if needed {
+            prompt.iter().filter(|&&t| t == image_token).count()
+        } else {
+            0
+        }
     }
 
     /// Drops the sequence's place in the KV cache: it will be recomputed from

@@ -11,6 +11,7 @@
 //! KV cache commits a step's keys only after the whole step succeeded
 //! (`model::kv_cache`), so a failed step leaves every sequence as it was.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -91,14 +92,16 @@ impl EngineCore {
                 uncached: s.uncached(),
                 frees: kv.sole_blocks(s.id),
                 revives: 0,
+                encoder: 0,
             })
             .collect();
         // No more than `max_num_seqs` of the queue can be admitted in one step.
+        let mut queued = HashSet::new();
         let waiting: Vec<SeqState> = self
             .waiting
             .iter()
             .take(self.sched.max_num_seqs)
-            .map(|s| self.waiting_state(s))
+            .map(|s| self.waiting_state(s, &mut queued))
             .collect();
         scheduler::plan(&self.sched, blocks, &running, &waiting)
     }

@@ -33,6 +33,8 @@ struct OnDevice {
     device: String,
     model: ChatModel,
     cache: ChatCache,
+    /// Image tokens encoded per step on this device.
+    encoder_tokens: usize,
 }
 
 /// Loads everything and starts one engine thread per configured device.
@@ -99,6 +101,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, Vec<JoinHandl
         device,
         model,
         cache,
+        encoder_tokens,
     } in loaded
     {
         let core = EngineCore::new(EngineParts {
@@ -109,6 +112,7 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(ChatServing, Vec<JoinHandl
             scheduler: SchedulerConfig {
                 max_num_seqs: cfg.engine.max_num_seqs,
                 max_batched_tokens: cfg.engine.max_batched_tokens,
+                max_encoder_tokens: encoder_tokens,
             },
             cache,
             max_waiting: cfg.engine.max_waiting,
@@ -153,6 +157,7 @@ fn load_on(cfg: &Config, m: &ModelConfig, d: OpenDevice) -> Result<OnDevice> {
         .context("cannot size the KV cache (engine.kv_cache_bytes)")?;
     tracing::info!(model = %m.served_name(), device = %d.name, ?dtype, "engine weights on device");
     Ok(OnDevice {
+        encoder_tokens: device::encoder_tokens(&cfg.engine, &d.device),
         device: d.name,
         model,
         cache,

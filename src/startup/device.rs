@@ -73,6 +73,18 @@ pub fn compute_dtype(dtype: Dtype, device: &Device) -> DType {
     }
 }
 
+/// Image tokens one engine encodes per step (`engine.max_encoder_tokens`; 0: automatic).
+/// Automatic is 1 on the CPU, one request's images a step: the encoder's matmuls already use
+/// every core, so batching images there saves nothing and makes the first wait for the last.
+/// On a GPU, batching pays: as many as a step's tokens.
+pub fn encoder_tokens(engine: &EngineConfig, device: &Device) -> usize {
+    match (engine.max_encoder_tokens, device) {
+        (0, Device::Cpu) => 1,
+        (0, _) => engine.max_batched_tokens,
+        (n, _) => n,
+    }
+}
+
 /// Bytes the KV cache of one engine may take: `kv_cache_bytes` on the CPU; on a GPU,
 /// `gpu_memory_utilization` of the memory still free once the engine's weights are loaded.
 pub fn kv_cache_bytes(engine: &EngineConfig, device: &Device) -> Result<usize> {
