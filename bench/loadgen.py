@@ -83,6 +83,15 @@ def proc_kib(pid, key):
     return None
 
 
+async def kv_blocks_used(args, client):
+    """KV blocks held by sequences (mmserve's /health), or None from a server without it."""
+    try:
+        r = await client.get(f"{args.base.rstrip('/')}/health")
+        return r.json()["models"][args.model]["kv_blocks_used"]
+    except Exception:  # another server: no such figure
+        return None
+
+
 def reset_hwm(pid):
     """Resets the process's peak RSS (VmHWM) so that it counts from now; False if not allowed."""
     try:
@@ -287,6 +296,7 @@ async def run(args):
                 r = out["prefix"] = await prefix_sessions(args, client, counter)
                 print(f"prefix sessions={args.rounds} TTFT med first {r['ttft_first_median_s'] or 0:7.3f} s "
                       f"second {r['ttft_second_median_s'] or 0:7.3f} s  errors {r['errors']}", flush=True)
+                continue
             if kind == "repeat":
                 out["repeat"] = await repeat_pairs(args, client, counter)
                 continue
@@ -305,6 +315,7 @@ async def run(args):
                       f"p99 {r['ttft_p99_s'] or 0:7.3f} s  TPOT {r['tpot_median_ms'] or 0:7.1f} ms  "
                       f"{r['output_tok_s']:7.1f} tok/s  peak RSS {r['peak_rss_mb'] or 0:7.0f} MB  "
                       f"errors {r['errors']} wrong-length {r['wrong_token_count']}", flush=True)
+        out["kv_blocks_used_after_load"] = await kv_blocks_used(args, client)
     rss, hwm = proc_kib(args.pid, "VmRSS:"), proc_kib(args.pid, "VmHWM:")
     out["rss_after_load_mb"] = rss / 1024 if rss else None
     out["vm_hwm_mb"] = hwm / 1024 if hwm else None

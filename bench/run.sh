@@ -5,7 +5,7 @@
 #
 # Builds mmserve and the probe (release), makes the random-weight models if missing, then, in
 # this order on a machine as quiet as possible: the candle probe (bandwidth, matmul), mmserve
-# under bench/loadgen.py (text and image, concurrency 1, 4, 16; a repeated image), transformers (bench/hf_peer.py,
+# under bench/loadgen.py (text and image, concurrency 1, 4, 16; a repeated image; a repeated system prompt), transformers (bench/hf_peer.py,
 # batch 1 and 8). Writes bench/out/<date>/ (the binaries measured, JSON per step, report.md) and
 # prints the report.
 # Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
@@ -48,7 +48,7 @@ for m in "${models[@]}"; do
     sleep 0.5
   done
   "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg --pid "$server" \
-    --kinds text,image,repeat --json "$out/mmserve-$m.json"
+    --kinds text,image,repeat,prefix --json "$out/mmserve-$m.json"
   kill "$server"
   wait "$server" || true
   server=""
