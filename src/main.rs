@@ -206,26 +206,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Keeps the engine's large temporary tensors in the heap. glibc serves every allocation above
-/// its mmap threshold (128 KiB at first, raised by frees to at most 32 MiB) with fresh pages
-/// from the kernel and returns them on free, so each multi-MiB activation of the vision encoder
-/// was page-faulted and zeroed again, layer after layer (its attention scores' product took
-/// 2.5 times as long). Fixed thresholds: allocations up to 32 MiB come from the heap, and up to
-/// 128 MiB of free heap top is kept for the next step rather than returned.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_large_allocations() {
-    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_large_allocations() {}
-
 fn run() -> Result<()> {
-    keep_large_allocations();
+    mmserve::engine::memory::keep_large_allocations();
     let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let args = match cli.command {
         Some(Command::Serve(a)) => a,

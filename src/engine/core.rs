@@ -2,9 +2,9 @@
 //! run one step (see `step.rs`), publish the load; the state the loop owns.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
@@ -88,9 +88,9 @@ impl EngineCore {
         loop {
             self.publish();
             if self.waiting.is_empty() && self.running.is_empty() {
-                match rx.recv() {
-                    Ok(cmd) => self.handle(cmd),
-                    Err(_) => return,
+                match wait_idle(&rx) {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
                 }
             }
             loop {
@@ -183,5 +183,22 @@ impl EngineCore {
                 blocks_total: kv.num_blocks(),
             },
         );
+    }
+}
+
+/// How long the engine waits without work before it returns freed memory to the system.
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// The next command of an engine with nothing to do (`None`: every handle is gone). After
+/// [`TRIM_AFTER_IDLE`] without one, the heap's free memory goes back to the system first, so a
+/// burst's memory does not stay resident while back-to-back requests keep their pages.
+fn wait_idle(rx: &Receiver<Command>) -> Option<Command> {
+    match rx.recv_timeout(TRIM_AFTER_IDLE) {
+        Ok(cmd) => Some(cmd),
+        Err(RecvTimeoutError::Disconnected) => None,
+        Err(RecvTimeoutError::Timeout) => {
+            super::memory::release_free_memory();
+            rx.recv().ok()
+        }
     }
 }

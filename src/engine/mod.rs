@@ -6,6 +6,7 @@ mod core;
 pub mod embed;
 pub mod image_cache;
 mod load;
+pub mod memory;
 mod pool;
 mod prefix;
 pub mod sampling;
