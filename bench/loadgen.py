@@ -10,7 +10,9 @@ Every request asks for exactly MAX_TOKENS greedy tokens with end-of-sequence ign
 - TPOT: time per output token after the first, (finish - first) / (tokens - 1) (median);
 - aggregate output tokens/s: completion tokens of the level / its wall time;
 - peak RSS of the server process (PID, sampled from /proc every 50 ms), and its VmHWM, reset
-  after the warm-up where /proc allows, so that it is the peak under load.
+  after the warm-up where /proc allows, so that it is the peak under load;
+- from mmserve's /health, after the warm-up and after the load: the KV pool's blocks held by
+  sequences and kept for the prefix cache (whose pages the load has touched).
 
 A request that errs or returns another token count than asked is counted and makes the exit
 status 1. Every prompt starts with its own request number, and with Pillow installed every image
@@ -65,6 +67,8 @@ def parse():
     p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
     p.add_argument("--pid", type=int, help="the server's process id, for its RSS")
     p.add_argument("--timeout", type=float, default=600, help="per request, seconds")
+    p.add_argument("--settle", type=float, default=3,
+                   help="seconds to wait after the load before reading RSS (servers may trim when idle)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
 
@@ -83,12 +87,14 @@ def proc_kib(pid, key):
     return None
 
 
-async def kv_blocks_used(args, client):
-    """KV blocks held by sequences (mmserve's /health), or None from a server without it."""
+async def kv_state(args, client):
+    """The model's KV pool figures from mmserve's /health (blocks held by sequences, kept for
+    the prefix cache, in all, and the pool's bytes), or None from a server without them."""
     try:
         r = await client.get(f"{args.base.rstrip('/')}/health")
-        return r.json()["models"][args.model]["kv_blocks_used"]
-    except Exception:  # another server: no such figure
+        m = r.json()["models"][args.model]
+        return {k: m[k] for k in ("kv_blocks_used", "kv_blocks_cached", "kv_blocks_total", "kv_cache_bytes")}
+    except Exception:  # another server: no such figures
         return None
 
 
@@ -307,6 +313,7 @@ async def run(args):
             if "rss_after_warmup_mb" not in out:
                 rss = proc_kib(args.pid, "VmRSS:")
                 out["rss_after_warmup_mb"] = rss / 1024 if rss else None
+                out["kv_after_warmup"] = await kv_state(args, client)
                 out["hwm_reset_after_warmup"] = args.pid is not None and reset_hwm(args.pid)
             for conc in levels:
                 r = await level(args, client, kind, conc, images, counter)
@@ -315,7 +322,8 @@ async def run(args):
                       f"p99 {r['ttft_p99_s'] or 0:7.3f} s  TPOT {r['tpot_median_ms'] or 0:7.1f} ms  "
                       f"{r['output_tok_s']:7.1f} tok/s  peak RSS {r['peak_rss_mb'] or 0:7.0f} MB  "
                       f"errors {r['errors']} wrong-length {r['wrong_token_count']}", flush=True)
-        out["kv_blocks_used_after_load"] = await kv_blocks_used(args, client)
+        await asyncio.sleep(args.settle)
+        out["kv_after_load"] = await kv_state(args, client)
     rss, hwm = proc_kib(args.pid, "VmRSS:"), proc_kib(args.pid, "VmHWM:")
     out["rss_after_load_mb"] = rss / 1024 if rss else None
     out["vm_hwm_mb"] = hwm / 1024 if hwm else None
