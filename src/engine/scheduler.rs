@@ -187,11 +187,16 @@ mod tests {
     };
 
     /// Plenty of blocks of 4 tokens.
-    const ROOMY: Blocks = Blocks {
-        block_size: 4,
-        free: 1000,
-        total: 1000,
-    };
+    const ROOMY: Blocks = pool(1000, 1000);
+
+    /// A pool of blocks of 4 tokens.
+    const fn pool(free: usize, total: usize) -> Blocks {
+        Blocks {
+            block_size: 4,
+            free,
+            total,
+        }
+    }
 
     fn prompt(n: usize) -> SeqState {
         SeqState {
@@ -269,22 +274,14 @@ mod tests {
     #[test]
     fn first_come_first_served_without_skipping() {
         // The head needs 25 blocks, 20 are free: the short prompt behind it waits its turn.
-        let tight = Blocks {
-            block_size: 4,
-            free: 20,
-            total: 40,
-        };
+        let tight = pool(20, 40);
         let p = plan(&CFG, tight, &[], &[prompt(100), prompt(1)]);
         assert!(p.admit.is_empty() && !p.reject_head);
     }
 
     #[test]
     fn admission_needs_the_whole_prompt_in_free_blocks() {
-        let b = Blocks {
-            block_size: 4,
-            free: 10,
-            total: 10,
-        };
+        let b = pool(10, 10);
         // 40 tokens fit 10 blocks exactly; the second prompt finds none left.
         assert_eq!(plan(&CFG, b, &[], &[prompt(40), prompt(1)]).admit, vec![40]);
         assert!(
@@ -300,11 +297,7 @@ mod tests {
     #[test]
     fn the_newest_is_preempted_when_blocks_run_out() {
         // Every sequence sits at a block boundary: each decode needs a new block; 1 is free.
-        let b = Blocks {
-            block_size: 4,
-            free: 1,
-            total: 7,
-        };
+        let b = pool(1, 7);
         let running = [decoding(8), decoding(4), decoding(8)];
         let p = plan(&CFG, b, &running, &[prompt(1)]);
         // The oldest takes the free block; the second needs one: the newest (2 blocks) goes.
@@ -315,11 +308,7 @@ mod tests {
 
     #[test]
     fn a_lone_sequence_without_room_preempts_itself() {
-        let full = Blocks {
-            block_size: 4,
-            free: 0,
-            total: 2,
-        };
+        let full = pool(0, 2);
         let p = plan(&CFG, full, &[decoding(8)], &[]);
         assert_eq!((p.preempt, p.tokens), (vec![0], vec![0]));
         // Waiting again with 9 tokens it needs 3 blocks of a 2-block pool: never.
@@ -330,11 +319,7 @@ mod tests {
     #[test]
     fn a_waiting_prompt_is_admitted_once_blocks_free_up() {
         // No starvation: once the running sequence finishes, the head of the queue goes in.
-        let b = Blocks {
-            block_size: 4,
-            free: 2,
-            total: 10,
-        };
+        let b = pool(2, 10);
         let waiting = [prompt(30), prompt(1)];
         assert!(plan(&CFG, b, &[decoding(30)], &waiting).admit.is_empty());
         let after = Blocks { free: 10, ..b };
@@ -372,11 +357,7 @@ mod tests {
 
     #[test]
     fn a_cached_prefix_needs_blocks_only_for_the_rest() {
-        let b = Blocks {
-            block_size: 4,
-            free: 3,
-            total: 10,
-        };
+        let b = pool(3, 10);
         // 20 tokens, 16 of them in 4 cached blocks another sequence holds: 1 new block.
         let hit = SeqState {
             cached: 16,
@@ -402,11 +383,7 @@ mod tests {
     fn preempting_a_sequence_frees_only_its_own_blocks() {
         // Both hold 2 blocks; the newer shares both of its full ones with the older, so
         // preempting it frees nothing and the older must preempt itself too.
-        let b = Blocks {
-            block_size: 4,
-            free: 0,
-            total: 3,
-        };
+        let b = pool(0, 3);
         let shared = SeqState {
             frees: 0,
             ..decoding(8)
