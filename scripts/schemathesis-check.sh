@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ -x .venv-schemathesis/bin/python ] || python3 -m venv .venv-schemathesis
-[ -x .venv-schemathesis/bin/schemathesis ] || .venv-schemathesis/bin/pip install -q "schemathesis>=4.3,<5"
+[ -x .venv-schemathesis/bin/schemathesis ] || .venv-schemathesis/bin/pip install -q "schemathesis==4.32.5"
 cargo build --locked --bin mmserve
 bin="${CARGO_TARGET_DIR:-target}/debug/mmserve"
 port=${MMSERVE_SCHEMATHESIS_PORT:-18439}
