@@ -21,8 +21,7 @@ mkdir -p "$out"
 cp "$bin" "$out/mmserve"
 export RAYON_NUM_THREADS=$threads CANDLE_NUM_THREADS=$threads
 
-server=""
-trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
+. bench/serve.sh
 rows=()
 for setting in f32 f16 q8_0 q4k q6k; do
   case $setting in
@@ -31,21 +30,12 @@ for setting in f32 f16 q8_0 q4k q6k; do
     q8_0) flags=(--quantize q8_0) levels=1,16 ;;
     *) flags=(--quantize "$setting") levels=1 ;;
   esac
-  "$out/mmserve" serve --model "$dir" --served-model-name "$model" --port "$port" "${flags[@]}" \
-    >"$out/$setting.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    kill -0 "$server" || { cat "$out/$setting.log"; exit 1; }
-    sleep 0.5
-  done
+  start_mmserve "$out/$setting.log" --model "$dir" --served-model-name "$model" "${flags[@]}"
   load=$(cut -d' ' -f1 /proc/loadavg)
   "$py" bench/loadgen.py "http://127.0.0.1:$port" "$model" --kinds text --concurrency "$levels" \
     --pid "$server" --json "$out/$setting.json" >/dev/null
   load="$load-$(cut -d' ' -f1 /proc/loadavg)"
-  kill "$server"
-  wait "$server" || true
-  server=""
+  stop_mmserve
   dense=$(grep -ao "kept_dense[^ ]*=[^ ]*[0-9]" "$out/$setting.log" | head -1 | grep -o "[0-9]*$" || true)
   rows+=("$setting|$load|${dense:--}")
 done

@@ -32,26 +32,17 @@ load_before=$(load)
 echo "== probe"
 "$out/candle_probe" >"$out/probe.json"
 
-server=""
-trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true' EXIT
+. bench/serve.sh
 dirs="{}"
 for m in "${models[@]}"; do
   dir="bench/models/$m-1tile"
   dirs=$("$py" -c 'import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=sys.argv[3]; print(json.dumps(d))' \
     "$dirs" "$m" "$dir")
   echo "== mmserve $m"
-  "$out/mmserve" serve --model "$dir" --served-model-name "$m" --port "$port" >"$out/mmserve-$m.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    kill -0 "$server" || { cat "$out/mmserve-$m.log"; exit 1; }
-    sleep 0.5
-  done
+  start_mmserve "$out/mmserve-$m.log" --model "$dir" --served-model-name "$m"
   "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg --pid "$server" \
     --kinds text,image,repeat,prefix --json "$out/mmserve-$m.json"
-  kill "$server"
-  wait "$server" || true
-  server=""
+  stop_mmserve
   echo "== transformers $m"
   "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" --json "$out/hf-$m.json" \
     2> >(grep -v -e Warning -e 'Loading weights' >&2)
