@@ -7,30 +7,43 @@
 pub fn for_each_chunk_mut(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let (len, chunk) = (out.len(), chunk.max(1));
     let base = Disjoint(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(chunk), |items| {
-        for i in items {
-            let start = i * chunk;
-            // SAFETY: each index is handed to one call only, so its piece is written by that
-            // call alone; `out` is borrowed mutably until `execute_chunked` returns, which is
-            // after every call has finished.
-            let piece = unsafe { base.slice(start, chunk.min(len - start)) };
-            f(i, piece);
-        }
+    for_each_index(len.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        // SAFETY: each index is handed to one call only, so its piece is written by that call
+        // alone; `out` is borrowed mutably until `for_each_index` returns, which is after every
+        // call has finished.
+        let piece = unsafe { base.slice(start, chunk.min(len - start)) };
+        f(i, piece);
     });
 }
 
-/// The output buffer, shared by the pool's threads; each writes its own pieces.
-#[derive(Clone, Copy)]
-struct Disjoint(*mut f32);
+/// Calls `f(i)` for every `i` in `0..n`, the indices shared out across the pool's threads.
+pub fn for_each_index(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |items| items.for_each(&f));
+}
 
-// SAFETY: used only through `slice`, whose callers take disjoint ranges.
+/// An output buffer shared by the pool's threads, each writing places no other call writes.
+#[derive(Clone, Copy)]
+pub struct Disjoint(*mut f32);
+
+// SAFETY: written only through `slice` or `ptr`, whose callers keep to places of their own.
 unsafe impl Sync for Disjoint {}
 
 impl Disjoint {
+    /// Shares `out`; the caller keeps `out` borrowed while any call uses it.
+    pub fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
     /// SAFETY: `start..start + len` lies in the buffer and overlaps no other live slice.
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+
+    /// The buffer's start, for writes the caller proves disjoint and in bounds.
+    pub fn ptr(&self) -> *mut f32 {
+        self.0
     }
 }
 

@@ -6,9 +6,15 @@
 //! cores read the weights while the other slept. For 2 to 16 rows the `gemm` crate reaches about
 //! the same 9 GB/s. Here the weight rows are split across candle's CPU thread pool (`par`), and
 //! each weight row is read once from memory while every input row's dot product with it is
-//! accumulated, 4 weight
-//! rows x 4 input rows at a time (16 independent FMA chains in registers). AVX-512 or AVX2 is
-//! picked at run time; other CPUs get plain dot products.
+//! accumulated, 4 weight rows x 4 input rows at a time (16 independent FMA chains in
+//! registers). AVX-512 or AVX2 is picked at run time; other CPUs get plain dot products.
+//!
+//! For 16 rows (`examples/decode_step.rs`) three more things counted: the input rows are copied
+//! so that their loads are aligned wherever the weights' are (a load split across two cache
+//! lines costs two, and candle's buffers are only 16-byte aligned), with one masked step before
+//! and after the aligned loop; each pass over a block of weight rows prefetches part of the
+//! next block, so reading memory overlaps the block's 4 passes; and four sums are reduced at
+//! once by a shuffle tree, written straight into the (m, n) result.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::f16;
@@ -19,6 +25,13 @@ pub const SMALL_M: usize = 16;
 /// Input rows and weight rows of one register block.
 const XR: usize = 4;
 const WR: usize = 4;
+
+/// How many register blocks of weight rows ahead the kernel prefetches.
+const AHEAD: usize = 1;
+
+/// From this many input rows on the kernel prefetches (below, the hardware's prefetcher keeps
+/// up: the block's one pass is short).
+const FETCH_FROM_M: usize = 2;
 
 /// `x` (m, k) @ `w` (n, k)^T -> (m, n) in `x`'s dtype, when this kernel applies: both f32 or
 /// both f16, on the CPU, `w` contiguous, `1 <= m <= SMALL_M`. `None` otherwise (the caller
@@ -84,7 +97,7 @@ fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> R
 }
 
 /// A weight element the kernel reads: f32, or f16 widened to f32 (also a register's worth).
-trait Weight: Copy + Sync {
+pub(crate) trait Weight: Copy + Sync {
     fn widen(self) -> f32;
     /// 16 weights at `p` as f32 lanes (needs AVX-512F).
     #[cfg(target_arch = "x86_64")]
@@ -136,49 +149,67 @@ const ITEM_ROWS: usize = 16;
 
 /// `x` (m, k), `w` (n, k), row-major -> (m, n) row-major.
 fn product<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f32> {
-    // (n, m): each item owns a contiguous run of output rows.
-    let mut out_t = vec![0f32; n * m];
-    super::par::for_each_chunk_mut(&mut out_t, ITEM_ROWS * m, |item, out| {
-        let first = item * ITEM_ROWS;
-        let rows = out.len() / m;
-        rows_of(x, &w[first * k..(first + rows) * k], m, k, out);
-    });
-    if m == 1 {
-        return out_t;
-    }
+    // The input rows copied where their loads in the kernel's main loop (which starts where
+    // the weights' loads are aligned) are aligned too: a load split across two cache lines
+    // costs two.
+    let mut scratch = vec![0f32; m * k + 16];
+    let start = scratch.as_ptr() as usize / 4 + aligned_from(w.as_ptr(), 16);
+    let off = (16 - start % 16) % 16;
+    scratch[off..off + m * k].copy_from_slice(&x[..m * k]);
+    let x = &scratch[off..off + m * k];
     let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
+    let shared = super::par::Disjoint::new(&mut out);
+    // Each item owns output columns `first..first + rows` of every row.
+    super::par::for_each_index(n.div_ceil(ITEM_ROWS), |item| {
+        let first = item * ITEM_ROWS;
+        let rows = ITEM_ROWS.min(n - first);
+        let w = &w[first * k..(first + rows) * k];
+        // SAFETY: columns `first..first + rows` of the (m, n) buffer are this item's alone,
+        // and `out` outlives `for_each_index`.
+        unsafe { rows_of(x, w, m, k, shared.ptr().add(first), n) };
+    });
     out
 }
 
-/// Dispatches to the widest instruction set this CPU has.
-fn rows_of<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut [f32]) {
+/// How many elements of `T` from `p` the first one aligned to a vector of `lanes` of them is.
+fn aligned_from<T>(p: *const T, lanes: usize) -> usize {
+    let bytes = lanes * std::mem::size_of::<T>();
+    (bytes - p as usize % bytes) % bytes / std::mem::size_of::<T>()
+}
+
+/// `w` holds `rows` weight rows of `k`; writes `x` row `c` · `w` row `r` to `out[c * ldo + r]`.
+///
+/// SAFETY: `out[c * ldo + r]` for `c < m`, `r < w.len() / k` is valid and no one else's.
+unsafe fn rows_of<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, out: *mut f32, ldo: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected just above.
-            return unsafe { simd::rows_avx512(x, w, m, k, out) };
+            // SAFETY: the feature was detected just above; `out` as the caller promised.
+            return unsafe { simd::rows_avx512(x, w, m, k, out, ldo) };
         }
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
             // SAFETY: as above.
-            return unsafe { simd::rows_avx2(x, w, m, k, out) };
+            return unsafe { simd::rows_avx2(x, w, m, k, out, ldo) };
         }
     }
-    rows_scalar(x, w, m, k, out)
+    rows_scalar(x, w, m, k, out, ldo)
 }
 
-/// Without SIMD: one dot product at a time.
-fn rows_scalar<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut [f32]) {
-    for (wrow, o) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
-        for (xrow, v) in x.chunks_exact(k).zip(o.iter_mut()) {
-            *v = xrow.iter().zip(wrow).map(|(a, b)| a * b.widen()).sum();
+/// Without SIMD: one dot product at a time. SAFETY: as [`rows_of`].
+unsafe fn rows_scalar<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    for (r, wrow) in w.chunks_exact(k).enumerate() {
+        for (c, xrow) in x.chunks_exact(k).take(m).enumerate() {
+            *out.add(c * ldo + r) = xrow.iter().zip(wrow).map(|(a, b)| a * b.widen()).sum();
         }
     }
 }
@@ -187,7 +218,7 @@ fn rows_scalar<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, out: &mut [f32
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Weight, WR, XR};
+    use super::{Weight, AHEAD, FETCH_FROM_M, WR, XR};
 
     /// Loads `LANES` weights of type `W` as f32 lanes.
     pub(super) trait Load<W> {
@@ -215,6 +246,14 @@ mod simd {
         unsafe fn load(p: *const f32) -> Self;
         unsafe fn fma(a: Self, b: Self, acc: Self) -> Self;
         unsafe fn sum(self) -> f32;
+        /// Lanes `lo..hi` from `p`, the others zero (and not read).
+        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self;
+
+        /// The lane sum of each of `R` vectors.
+        #[inline(always)]
+        unsafe fn sums<const R: usize>(vs: &[Self; R]) -> [f32; R] {
+            std::array::from_fn(|r| vs[r].sum())
+        }
     }
 
     impl Vector for __m512 {
@@ -234,6 +273,39 @@ mod simd {
         #[inline(always)]
         unsafe fn sum(self) -> f32 {
             _mm512_reduce_add_ps(self)
+        }
+        #[inline(always)]
+        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
+            let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
+            _mm512_maskz_loadu_ps(mask as __mmask16, p)
+        }
+
+        /// Four vectors at once by a shuffle tree (14 instructions instead of 4 x 8).
+        #[inline(always)]
+        unsafe fn sums<const R: usize>(vs: &[Self; R]) -> [f32; R] {
+            if R != 4 {
+                return std::array::from_fn(|r| vs[r].sum());
+            }
+            // Halves of pairs: lanes 0-1 hold v0's 8 partial sums, lanes 2-3 v1's.
+            let pair = |a: __m512, b: __m512| {
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                )
+            };
+            let (p01, p23) = (pair(vs[0], vs[1]), pair(vs[2], vs[3]));
+            // 128-bit lane r holds 4 partial sums of vs[r].
+            let q = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(p01, p23),
+                _mm512_shuffle_f32x4::<0xDD>(p01, p23),
+            );
+            // Within each lane: every element becomes the lane's sum.
+            let q = _mm512_add_ps(q, _mm512_permute_ps::<0b10_11_00_01>(q));
+            let q = _mm512_add_ps(q, _mm512_permute_ps::<0b01_00_11_10>(q));
+            let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_permutexvar_ps(firsts, q));
+            std::array::from_fn(|r| lanes[r])
         }
     }
 
@@ -257,6 +329,13 @@ mod simd {
             _mm256_storeu_ps(lanes.as_mut_ptr(), self);
             lanes.iter().sum()
         }
+        #[inline(always)]
+        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let from = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo as i32 - 1));
+            let below = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi as i32), lane);
+            _mm256_maskload_ps(p, _mm256_and_si256(from, below))
+        }
     }
 
     /// SAFETY: the CPU must have AVX-512F.
@@ -266,9 +345,10 @@ mod simd {
         w: &[W],
         m: usize,
         k: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
     ) {
-        rows::<__m512, W>(x, w, m, k, out)
+        rows::<__m512, W>(x, w, m, k, out, ldo)
     }
 
     /// SAFETY: the CPU must have AVX2, FMA and F16C.
@@ -278,23 +358,36 @@ mod simd {
         w: &[W],
         m: usize,
         k: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
     ) {
-        rows::<__m256, W>(x, w, m, k, out)
+        rows::<__m256, W>(x, w, m, k, out, ldo)
     }
 
-    /// `w` holds `out.len() / m` weight rows of `k`; `out` (rows, m) gets every dot product.
+    /// `w` holds `w.len() / k` weight rows; `out[c * ldo + r]` gets input row `c` · weight
+    /// row `r`. SAFETY: as `super::rows_of`.
     #[inline(always)]
     unsafe fn rows<V: Vector + Load<W>, W: Weight>(
         x: &[f32],
         w: &[W],
         m: usize,
         k: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
     ) {
-        let rows = out.len() / m;
-        assert!(x.len() >= m * k && w.len() >= rows * k, "operand sizes");
+        let rows = w.len() / k;
+        assert!(x.len() >= m * k, "operand sizes");
+        if k < V::LANES {
+            return super::rows_scalar(x, w, m, k, out, ldo);
+        }
         let (x, w) = (x.as_ptr(), w.as_ptr());
+        // Each pass over a block of weight rows asks for its share of the block `AHEAD` blocks
+        // on, so that reading memory overlaps all of the block's passes.
+        let share = if m >= FETCH_FROM_M {
+            WR.div_ceil(m.div_ceil(XR))
+        } else {
+            0
+        };
         let mut j = 0;
         while j < rows {
             let wr = WR.min(rows - j);
@@ -302,12 +395,18 @@ mod simd {
             while i < m {
                 let xr = XR.min(m - i);
                 let (wp, xp) = (w.add(j * k), x.add(i * k));
-                let o = &mut out[j * m + i..];
+                let first = (i / XR * share).min(WR);
+                // Prefetches past the end of `w` are harmless: they never fault.
+                let fetch = (
+                    wp.wrapping_add((AHEAD * WR + first) * k),
+                    share.min(WR - first),
+                );
+                let o = out.add(i * ldo + j);
                 match wr {
-                    4 => by_inputs::<V, W, 4>(xp, wp, m, k, xr, o),
-                    3 => by_inputs::<V, W, 3>(xp, wp, m, k, xr, o),
-                    2 => by_inputs::<V, W, 2>(xp, wp, m, k, xr, o),
-                    _ => by_inputs::<V, W, 1>(xp, wp, m, k, xr, o),
+                    4 => by_inputs::<V, W, 4>(xp, wp, fetch, k, xr, o, ldo),
+                    3 => by_inputs::<V, W, 3>(xp, wp, fetch, k, xr, o, ldo),
+                    2 => by_inputs::<V, W, 2>(xp, wp, fetch, k, xr, o, ldo),
+                    _ => by_inputs::<V, W, 1>(xp, wp, fetch, k, xr, o, ldo),
                 }
                 i += xr;
             }
@@ -320,49 +419,89 @@ mod simd {
     unsafe fn by_inputs<V: Vector + Load<W>, W: Weight, const R: usize>(
         x: *const f32,
         w: *const W,
-        m: usize,
+        fetch: (*const W, usize),
         k: usize,
         xr: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
     ) {
         match xr {
-            4 => block::<V, W, R, 4>(x, w, m, k, out),
-            3 => block::<V, W, R, 3>(x, w, m, k, out),
-            2 => block::<V, W, R, 2>(x, w, m, k, out),
-            _ => block::<V, W, R, 1>(x, w, m, k, out),
+            4 => block::<V, W, R, 4>(x, w, fetch, k, out, ldo),
+            3 => block::<V, W, R, 3>(x, w, fetch, k, out, ldo),
+            2 => block::<V, W, R, 2>(x, w, fetch, k, out, ldo),
+            _ => block::<V, W, R, 1>(x, w, fetch, k, out, ldo),
+        }
+    }
+
+    /// One step of [`block`] at element `at`: whole weight vectors against the input rows'
+    /// lanes `lo..hi` (with `MASKED`; the other lanes count as zero).
+    #[inline(always)]
+    unsafe fn step<
+        V: Vector + Load<W>,
+        W: Weight,
+        const R: usize,
+        const C: usize,
+        const MASKED: bool,
+    >(
+        acc: &mut [[V; R]; C],
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        at: usize,
+        lo: usize,
+        hi: usize,
+    ) {
+        let wv: [V; R] = std::array::from_fn(|r| V::load_w(w.add(r * k + at)));
+        for (c, row) in acc.iter_mut().enumerate() {
+            let p = x.add(c * k + at);
+            let xv = if MASKED {
+                V::load_lanes(p, lo, hi)
+            } else {
+                V::load(p)
+            };
+            for (a, wr) in row.iter_mut().zip(&wv) {
+                *a = V::fma(xv, *wr, *a);
+            }
         }
     }
 
     /// `R` weight rows at `w` (stride `k`) against `C` input rows at `x` (stride `k`), into
-    /// `out[r * m + c]`. Caller: `R` rows of `w` and `C` rows of `x` are in bounds.
+    /// `out[c * ldo + r]`; prefetches `fetch.1` rows (stride `k`) at `fetch.0` on the way.
+    /// Caller: `R` rows of `w` and `C` rows of `x` are in bounds, and so are those outputs.
     #[inline(always)]
     unsafe fn block<V: Vector + Load<W>, W: Weight, const R: usize, const C: usize>(
         x: *const f32,
         w: *const W,
-        m: usize,
+        (ahead, fetch_rows): (*const W, usize),
         k: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
     ) {
         // acc[c][r]: input row c against weight row r.
         let mut acc = [[V::zero(); R]; C];
-        let whole = k / V::LANES * V::LANES;
-        let mut at = 0;
-        while at < whole {
-            let wv: [V; R] = std::array::from_fn(|r| V::load_w(w.add(r * k + at)));
-            for (c, row) in acc.iter_mut().enumerate() {
-                let xv = V::load(x.add(c * k + at));
-                for (a, wr) in row.iter_mut().zip(&wv) {
-                    *a = V::fma(xv, *wr, *a);
-                }
+        let lanes = V::LANES;
+        // The main loop starts where the weight loads are aligned; the elements before it, and
+        // those after it, are one step each over whole vectors (in bounds: k >= lanes) with
+        // the input's lanes outside them zero.
+        let head = super::aligned_from(w, lanes);
+        if head > 0 {
+            step::<V, W, R, C, true>(&mut acc, x, w, k, 0, 0, head);
+        }
+        let mut at = head;
+        while at + lanes <= k {
+            for r in 0..fetch_rows {
+                let p = ahead.wrapping_add(r * k + at) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(p);
             }
-            at += V::LANES;
+            step::<V, W, R, C, false>(&mut acc, x, w, k, at, 0, lanes);
+            at += lanes;
+        }
+        if at < k {
+            step::<V, W, R, C, true>(&mut acc, x, w, k, k - lanes, lanes - (k - at), lanes);
         }
         for (c, row) in acc.iter().enumerate() {
-            for (r, a) in row.iter().enumerate() {
-                let tail: f32 = (whole..k)
-                    .map(|t| *x.add(c * k + t) * (*w.add(r * k + t)).widen())
-                    .sum();
-                out[r * m + c] = a.sum() + tail;
+            for (r, s) in V::sums(row).into_iter().enumerate() {
+                *out.add(c * ldo + r) = s;
             }
         }
     }
@@ -375,20 +514,25 @@ mod tests {
     use super::*;
 
     /// Against candle's matmul for every row count the kernel takes and odd sizes (blocks
-    /// cut short, a k tail off the lanes). Both sum the same products in f32 in another order:
-    /// the difference is rounding, about sqrt(k) ulps of the largest partial sum, far below
-    /// 1e-4 for k <= 100 and unit normals.
+    /// cut short, a k tail off the lanes, rows of changing alignment), with the weights
+    /// starting at several offsets into their buffer (so the masked first step before the
+    /// aligned loop runs with every length). Both sum the same products in f32 in another
+    /// order: the difference is rounding, about sqrt(k) ulps of the largest partial sum, far
+    /// below 1e-4 for k <= 100 and unit normals.
     #[test]
     fn matches_candle_matmul() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, k) in [(37, 45), (64, 96), (3, 16), (130, 7)] {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-            for m in 1..=SMALL_M {
-                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-                let want = x.matmul(&w.t()?)?;
-                let got = matmul_t(&x, &w)?.expect("applies");
-                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-4, "n {n} k {k} m {m}: {diff}");
+        for (n, k) in [(37, 45), (64, 96), (3, 16), (130, 7), (9, 50)] {
+            let buffer = Tensor::randn(0f32, 1.0, (n + 15, k), &dev)?;
+            for offset in [0, 1, 2, 7, 15] {
+                let w = buffer.narrow(0, offset, n)?;
+                for m in 1..=SMALL_M {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                    let want = x.matmul(&w.t()?)?;
+                    let got = matmul_t(&x, &w)?.expect("applies");
+                    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-4, "n {n} k {k} offset {offset} m {m}: {diff}");
+                }
             }
         }
         Ok(())
@@ -400,8 +544,9 @@ mod tests {
     #[test]
     fn f16_matches_candle_matmul() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, k) in [(37, 45), (64, 96)] {
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::F16)?;
+        for (n, k, offset) in [(37, 45, 0), (64, 96, 0), (37, 45, 1), (20, 50, 3)] {
+            let buffer = Tensor::randn(0f32, 1.0, (n + offset, k), &dev)?;
+            let w = buffer.to_dtype(DType::F16)?.narrow(0, offset, n)?;
             for m in [1, 4, 7, SMALL_M] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(DType::F16)?;
                 let want = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
