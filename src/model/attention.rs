@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::rotary_emb::rope_thd;
 use candle_nn::VarBuilder;
 
+use super::decode_attention::{self, Query};
 use super::kv_cache::KvCache;
 use super::linear::{Linear, QuantReport};
 use super::text_config::TextConfig;
@@ -78,7 +79,7 @@ impl candle_core::CustomOp1 for RowSoftmax {
 
 /// `out = exp(x - max x) / sum`; a row of `-inf` only (every key hidden) gives NaN, as
 /// torch's softmax does.
-fn softmax_row(x: &[f32], out: &mut [f32]) {
+pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v - max).exp();
@@ -175,16 +176,45 @@ impl SelfAttention {
         let q = rotate(self.q.forward(xs)?, self.heads)?;
         let k = rotate(self.k.forward(xs)?, self.kv_heads)?;
         let v = self.v.forward(xs)?.reshape((t, self.kv_heads, hd))?;
-        let mut outs = Vec::with_capacity(spans.len());
+        let rows = |x: &Tensor, s: &Span| x.narrow(0, s.offset, s.len);
         for s in spans {
-            let rows = |x: &Tensor| x.narrow(0, s.offset, s.len);
-            cache.write(s.seq_id, layer, s.start_pos, &rows(&k)?, &rows(&v)?)?;
-            // Keys older than the first query's window are invisible to every query: skip them.
-            let first = self
-                .window
-                .map_or(0, |w| (s.start_pos + 1).saturating_sub(w));
-            let (keys, values) = cache.read(s.seq_id, layer, first, s.start_pos + s.len - first)?;
-            outs.push(self.attend(&rows(&q)?, &keys, &values, s.start_pos, first)?);
+            cache.write(s.seq_id, layer, s.start_pos, &rows(&k, s)?, &rows(&v, s)?)?;
+        }
+        // Keys older than the first query's window are invisible to every query: skip them.
+        let first = |s: &Span| {
+            self.window
+                .map_or(0, |w| (s.start_pos + 1).saturating_sub(w))
+        };
+        // The decoding sequences (one query each) at once, straight from the pool, where that
+        // path applies; `None` sends them down the general path too.
+        let decoding: Vec<&Span> = spans.iter().filter(|s| s.len == 1).collect();
+        let queries = decoding
+            .iter()
+            .map(|s| {
+                let slots = cache.slot_ids(s.seq_id, first(s), s.start_pos + 1 - first(s))?;
+                Ok(Query {
+                    row: s.offset,
+                    slots,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scale = (hd as f64).powf(-0.5);
+        let decoded = decode_attention::attend(&q, cache.pools(layer)?, &queries, scale)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        let mut next_decoded = 0;
+        for s in spans {
+            match &decoded {
+                Some(d) if s.len == 1 => {
+                    outs.push(d.narrow(0, next_decoded, 1)?);
+                    next_decoded += 1;
+                }
+                _ => {
+                    let first = first(s);
+                    let n = s.start_pos + s.len - first;
+                    let (keys, values) = cache.read(s.seq_id, layer, first, n)?;
+                    outs.push(self.attend(&rows(&q, s)?, &keys, &values, s.start_pos, first)?);
+                }
+            }
         }
         self.o.forward(&Tensor::cat(&outs, 0)?)
     }

@@ -72,6 +72,8 @@ pub struct KvCache {
     /// Per sequence of the step being run: the pool slot of each of its positions, (len + t,)
     /// u32, so every layer reads its keys with one gather.
     slots: HashMap<u64, Tensor>,
+    /// The same slots on the host, for the CPU's decode attention to read the pool directly.
+    slot_ids: HashMap<u64, Vec<u32>>,
     block_bytes: usize,
 }
 
@@ -104,6 +106,7 @@ impl KvCache {
             tables: BlockTables::new(bs, num_blocks),
             layers,
             slots: HashMap::new(),
+            slot_ids: HashMap::new(),
             block_bytes,
         })
     }
@@ -173,6 +176,7 @@ impl KvCache {
     pub fn remove(&mut self, seq_id: u64) {
         self.tables.remove(seq_id);
         self.slots.remove(&seq_id);
+        self.slot_ids.remove(&seq_id);
     }
 
     pub fn num_seqs(&self) -> usize {
@@ -196,9 +200,11 @@ impl KvCache {
                 .first()
                 .map_or(Device::Cpu, |l| l.k.device().clone());
             // Cannot fail for a u32 vector of its own length on the pool's device.
-            if let Ok(t) = Tensor::from_vec(ids, n, &device) {
+            if let Ok(t) = Tensor::new(ids.as_slice(), &device) {
                 self.slots.insert(s.seq_id, t);
             }
+            debug_assert_eq!(ids.len(), n);
+            self.slot_ids.insert(s.seq_id, ids);
         }
         Ok(())
     }
@@ -214,6 +220,7 @@ impl KvCache {
             self.tables.rollback(s.seq_id);
             if !self.tables.contains(s.seq_id) {
                 self.slots.remove(&s.seq_id);
+                self.slot_ids.remove(&s.seq_id);
             }
         }
     }
@@ -263,6 +270,23 @@ impl KvCache {
             pool.k.index_select(&slots, 0)?,
             pool.v.index_select(&slots, 0)?,
         ))
+    }
+
+    /// Pool slots of positions `first..first + n` of `seq_id`, in position order; the
+    /// positions must be reserved this step.
+    pub(crate) fn slot_ids(&self, seq_id: u64, first: usize, n: usize) -> Result<&[u32]> {
+        self.slot_ids
+            .get(&seq_id)
+            .and_then(|ids| ids.get(first..first + n))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("sequence {seq_id}: positions not reserved"))
+            })
+    }
+
+    /// `layer`'s key and value pools, each (slots, kv_heads, head_dim).
+    pub(crate) fn pools(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let pool = self.layer(layer)?;
+        Ok((&pool.k, &pool.v))
     }
 
     fn layer(&self, layer: usize) -> Result<&LayerPool> {

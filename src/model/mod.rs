@@ -19,6 +19,7 @@ mod batch;
 mod block_pool;
 mod blocks;
 mod config;
+mod decode_attention;
 mod decoder;
 pub mod embed;
 mod error;
