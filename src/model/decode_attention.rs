@@ -114,13 +114,46 @@ impl DecodeAttention<'_> {
             let (query, g) = (&self.queries[i / kvh], i % kvh);
             let first_head = query.row * self.heads + g * n_rep;
             let qs = &q[first_head * hd..(first_head + n_rep) * hd];
-            self.one(qs, query.slots, g, (k, v), piece);
+            self.one_fastest(qs, query.slots, g, (k, v), piece);
         });
         Ok(out)
     }
 
+    /// [`Self::one`] compiled for AVX-512 where the CPU has it (the loops vectorise 16 wide
+    /// instead of the baseline's 4).
+    fn one_fastest<W: Weight>(
+        &self,
+        qs: &[f32],
+        slots: &[u32],
+        g: usize,
+        kv: (&[W], &[W]),
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above.
+            return unsafe { self.one_avx512(qs, slots, g, kv, out) };
+        }
+        self.one(qs, slots, g, kv, out)
+    }
+
+    /// SAFETY: the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn one_avx512<W: Weight>(
+        &self,
+        qs: &[f32],
+        slots: &[u32],
+        g: usize,
+        kv: (&[W], &[W]),
+        out: &mut [f32],
+    ) {
+        self.one(qs, slots, g, kv, out)
+    }
+
     /// `qs` (n_rep, hd): the query heads of kv head `g`, against the keys at `slots`, into
     /// `out` (n_rep, hd).
+    #[inline(always)]
     fn one<W: Weight>(
         &self,
         qs: &[f32],
@@ -138,6 +171,7 @@ impl DecodeAttention<'_> {
         // (n_rep, n): scores, then probabilities.
         let mut scores = vec![0f32; qs.len() / hd * n];
         for (j, &slot) in slots.iter().enumerate() {
+            prefetch(k, slots.get(j + AHEAD).map(|&s| at(s)), hd);
             let key = row(k, at(slot), hd);
             for (r, qh) in qs.chunks_exact(hd).enumerate() {
                 scores[r * n + j] = dot(qh, key) * self.scale;
@@ -149,6 +183,7 @@ impl DecodeAttention<'_> {
         }
         out.fill(0.0);
         for (j, &slot) in slots.iter().enumerate() {
+            prefetch(v, slots.get(j + AHEAD).map(|&s| at(s)), hd);
             let value = row(v, at(slot), hd);
             for (r, o) in out.chunks_exact_mut(hd).enumerate() {
                 let p = probs[r * n + j];
@@ -160,7 +195,34 @@ impl DecodeAttention<'_> {
     }
 }
 
+/// How many keys ahead the loops ask for the rows they will read: the slots of a block are
+/// in order, but the hardware's prefetcher does not follow the jumps between blocks, nor
+/// start early enough on rows this short.
+const AHEAD: usize = 4;
+
+/// Asks for `pool[at..at + hd]` to be brought into cache (nothing for `None` or off the
+/// CPUs without the instruction).
+#[inline(always)]
+fn prefetch<W>(pool: &[W], at: Option<usize>, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(at) = at {
+        let bytes = hd * std::mem::size_of::<W>();
+        let start = pool.as_ptr().wrapping_add(at).cast::<i8>();
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    start.wrapping_add(line),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (pool, at, hd);
+}
+
 /// `a · b` in 16 running sums (short rounding chains; the loop vectorises).
+#[inline(always)]
 fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
