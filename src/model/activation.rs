@@ -76,11 +76,6 @@ impl SigmoidForm {
             Activation::Gelu | Activation::Relu => return None,
         })
     }
-
-    #[inline]
-    fn at(self, x: f32) -> f32 {
-        x / (1.0 + (-(self.a + self.b * x * x) * x).exp())
-    }
 }
 
 impl CustomOp1 for SigmoidForm {
@@ -95,8 +90,14 @@ impl CustomOp1 for SigmoidForm {
         let xs = &s.as_slice::<f32>()?[start..end];
         let mut out = vec![0f32; xs.len()];
         super::par::for_each_chunk_mut(&mut out, CHUNK, |i, piece| {
-            for (o, &x) in piece.iter_mut().zip(&xs[i * CHUNK..]) {
-                *o = self.at(x);
+            let xs = &xs[i * CHUNK..i * CHUNK + piece.len()];
+            // x / (1 + e^(-(a + b x^2) x)), the exponentials a slice at a time.
+            for (o, &x) in piece.iter_mut().zip(xs) {
+                *o = -(self.a + self.b * x * x) * x;
+            }
+            super::fast_exp::exp_in_place(piece);
+            for (o, &x) in piece.iter_mut().zip(xs) {
+                *o = x / (1.0 + *o);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))

@@ -24,6 +24,7 @@ mod decoder;
 pub mod embed;
 mod error;
 mod family;
+mod fast_exp;
 pub mod idefics3;
 mod image_key;
 mod json;
