@@ -29,6 +29,11 @@ const WR: usize = 4;
 /// How many register blocks of weight rows ahead the kernel prefetches.
 const AHEAD: usize = 1;
 
+/// From this many input rows on the kernel starts its main loop where the weight loads are
+/// aligned (below, memory is the limit and the rotations this takes cost more than split
+/// loads).
+const ALIGN_FROM_M: usize = 4;
+
 /// From this many input rows on the kernel prefetches (below, the hardware's prefetcher keeps
 /// up: the block's one pass is short).
 const FETCH_FROM_M: usize = 2;
@@ -218,7 +223,7 @@ unsafe fn rows_scalar<W: Weight>(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Weight, AHEAD, FETCH_FROM_M, WR, XR};
+    use super::{Weight, AHEAD, ALIGN_FROM_M, FETCH_FROM_M, WR, XR};
 
     /// Loads `LANES` weights of type `W` as f32 lanes.
     pub(super) trait Load<W> {
@@ -248,6 +253,8 @@ mod simd {
         unsafe fn sum(self) -> f32;
         /// Lanes `lo..hi` from `p`, the others zero (and not read).
         unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self;
+        /// Lane `q` of the result is lane `(q - by) mod LANES` of `self`.
+        unsafe fn rotate(self, by: usize) -> Self;
 
         /// The lane sum of each of `R` vectors.
         #[inline(always)]
@@ -278,6 +285,11 @@ mod simd {
         unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
             let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
             _mm512_maskz_loadu_ps(mask as __mmask16, p)
+        }
+        #[inline(always)]
+        unsafe fn rotate(self, by: usize) -> Self {
+            let idx: [i32; 16] = std::array::from_fn(|q| ((q + 16 - by) % 16) as i32);
+            _mm512_permutexvar_ps(_mm512_loadu_si512(idx.as_ptr().cast()), self)
         }
 
         /// Four vectors at once by a shuffle tree (14 instructions instead of 4 x 8).
@@ -336,6 +348,11 @@ mod simd {
             let below = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi as i32), lane);
             _mm256_maskload_ps(p, _mm256_and_si256(from, below))
         }
+        #[inline(always)]
+        unsafe fn rotate(self, by: usize) -> Self {
+            let idx: [i32; 8] = std::array::from_fn(|q| ((q + 8 - by) % 8) as i32);
+            _mm256_permutevar8x32_ps(self, _mm256_loadu_si256(idx.as_ptr().cast()))
+        }
     }
 
     /// SAFETY: the CPU must have AVX-512F.
@@ -348,7 +365,19 @@ mod simd {
         out: *mut f32,
         ldo: usize,
     ) {
+        if m == 1 {
+            return one_row_avx512(x, w, k, out, ldo);
+        }
         rows::<__m512, W>(x, w, m, k, out, ldo)
+    }
+
+    /// [`rows_avx512`] for one input row, compiled on its own: with `m` known, the blocks for
+    /// more rows drop out and the pointers of the one left stay in registers (batch-1 decoding
+    /// is bound by memory, and spills slowed it by 8%).
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn one_row_avx512<W: Weight>(x: &[f32], w: &[W], k: usize, out: *mut f32, ldo: usize) {
+        rows::<__m512, W>(x, w, 1, k, out, ldo)
     }
 
     /// SAFETY: the CPU must have AVX2, FMA and F16C.
@@ -402,11 +431,18 @@ mod simd {
                     share.min(WR - first),
                 );
                 let o = out.add(i * ldo + j);
+                // Where the main loop starts (see `block`); for one row, where memory is the
+                // limit, the rotations cost more than split loads.
+                let head = if m >= ALIGN_FROM_M {
+                    super::aligned_from(wp, V::LANES)
+                } else {
+                    0
+                };
                 match wr {
-                    4 => by_inputs::<V, W, 4>(xp, wp, fetch, k, xr, o, ldo),
-                    3 => by_inputs::<V, W, 3>(xp, wp, fetch, k, xr, o, ldo),
-                    2 => by_inputs::<V, W, 2>(xp, wp, fetch, k, xr, o, ldo),
-                    _ => by_inputs::<V, W, 1>(xp, wp, fetch, k, xr, o, ldo),
+                    4 => by_inputs::<V, W, 4>(xp, wp, fetch, head, k, xr, o, ldo),
+                    3 => by_inputs::<V, W, 3>(xp, wp, fetch, head, k, xr, o, ldo),
+                    2 => by_inputs::<V, W, 2>(xp, wp, fetch, head, k, xr, o, ldo),
+                    _ => by_inputs::<V, W, 1>(xp, wp, fetch, head, k, xr, o, ldo),
                 }
                 i += xr;
             }
@@ -416,32 +452,35 @@ mod simd {
 
     /// [`block`] for `xr` (1 to 4) input rows.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn by_inputs<V: Vector + Load<W>, W: Weight, const R: usize>(
         x: *const f32,
         w: *const W,
         fetch: (*const W, usize),
+        head: usize,
         k: usize,
         xr: usize,
         out: *mut f32,
         ldo: usize,
     ) {
         match xr {
-            4 => block::<V, W, R, 4>(x, w, fetch, k, out, ldo),
-            3 => block::<V, W, R, 3>(x, w, fetch, k, out, ldo),
-            2 => block::<V, W, R, 2>(x, w, fetch, k, out, ldo),
-            _ => block::<V, W, R, 1>(x, w, fetch, k, out, ldo),
+            4 => block::<V, W, R, 4>(x, w, fetch, head, k, out, ldo),
+            3 => block::<V, W, R, 3>(x, w, fetch, head, k, out, ldo),
+            2 => block::<V, W, R, 2>(x, w, fetch, head, k, out, ldo),
+            _ => block::<V, W, R, 1>(x, w, fetch, head, k, out, ldo),
         }
     }
 
     /// One step of [`block`] at element `at`: whole weight vectors against the input rows'
-    /// lanes `lo..hi` (with `MASKED`; the other lanes count as zero).
+    /// lanes `lo..hi` (with `PARTIAL`; the other lanes count as zero).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn step<
         V: Vector + Load<W>,
         W: Weight,
         const R: usize,
         const C: usize,
-        const MASKED: bool,
+        const PARTIAL: bool,
     >(
         acc: &mut [[V; R]; C],
         x: *const f32,
@@ -454,7 +493,7 @@ mod simd {
         let wv: [V; R] = std::array::from_fn(|r| V::load_w(w.add(r * k + at)));
         for (c, row) in acc.iter_mut().enumerate() {
             let p = x.add(c * k + at);
-            let xv = if MASKED {
+            let xv = if PARTIAL {
                 V::load_lanes(p, lo, hi)
             } else {
                 V::load(p)
@@ -462,6 +501,17 @@ mod simd {
             for (a, wr) in row.iter_mut().zip(&wv) {
                 *a = V::fma(xv, *wr, *a);
             }
+        }
+    }
+
+    /// Every sum's lanes rotated: lane `q` takes lane `(q - by) mod LANES`.
+    #[inline(always)]
+    unsafe fn rotate_all<V: Vector, const R: usize, const C: usize>(
+        acc: &mut [[V; R]; C],
+        by: usize,
+    ) {
+        for a in acc.iter_mut().flatten() {
+            *a = a.rotate(by);
         }
     }
 
@@ -473,6 +523,7 @@ mod simd {
         x: *const f32,
         w: *const W,
         (ahead, fetch_rows): (*const W, usize),
+        head: usize,
         k: usize,
         out: *mut f32,
         ldo: usize,
@@ -480,12 +531,17 @@ mod simd {
         // acc[c][r]: input row c against weight row r.
         let mut acc = [[V::zero(); R]; C];
         let lanes = V::LANES;
-        // The main loop starts where the weight loads are aligned; the elements before it, and
-        // those after it, are one step each over whole vectors (in bounds: k >= lanes) with
-        // the input's lanes outside them zero.
-        let head = super::aligned_from(w, lanes);
+        // Element `e` is summed in lane `e mod lanes` ("the rows' frame"), whatever the
+        // buffer's address, so the result is too (two servers agree to the bit). The main
+        // loop starts at element `head`, where the weight loads are aligned: its lane `l`
+        // reads element `at + l`, so the sums are rotated into that frame for the loop and
+        // back after it. The elements before it are one step over lanes `0..head`; those after
+        // it one step over the last `lanes` elements (in bounds: k >= lanes), in that step's
+        // frame. Rotations move lanes exactly, and each lane adds its elements in the same
+        // order in every case.
         if head > 0 {
             step::<V, W, R, C, true>(&mut acc, x, w, k, 0, 0, head);
+            rotate_all(&mut acc, lanes - head);
         }
         let mut at = head;
         while at + lanes <= k {
@@ -496,8 +552,18 @@ mod simd {
             step::<V, W, R, C, false>(&mut acc, x, w, k, at, 0, lanes);
             at += lanes;
         }
+        if head > 0 {
+            rotate_all(&mut acc, head);
+        }
         if at < k {
+            let shift = k % lanes;
+            if shift != 0 {
+                rotate_all(&mut acc, lanes - shift);
+            }
             step::<V, W, R, C, true>(&mut acc, x, w, k, k - lanes, lanes - (k - at), lanes);
+            if shift != 0 {
+                rotate_all(&mut acc, shift);
+            }
         }
         for (c, row) in acc.iter().enumerate() {
             for (r, s) in V::sums(row).into_iter().enumerate() {
@@ -555,6 +621,38 @@ mod tests {
                 let diff = (got.to_dtype(DType::F32)? - want)?.abs()?.max_all()?;
                 let diff = diff.to_scalar::<f32>()?;
                 assert!(diff < 0.02, "n {n} k {k} m {m}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The same weights at other addresses (so the aligned loop starts elsewhere in the row)
+    /// give the same bits: two servers, or two loads of one model, agree exactly.
+    #[test]
+    fn result_does_not_depend_on_the_weights_address() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, n, k) in [
+            (DType::F32, 9, 45),
+            (DType::F32, 5, 600),
+            (DType::F16, 9, 50),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
+            for m in [1, 3, SMALL_M] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+                let bits = |w: &Tensor| -> Result<Vec<u32>> {
+                    let y = matmul_t(&x, w)?.expect("applies").to_dtype(DType::F32)?;
+                    Ok(y.flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect())
+                };
+                let want = bits(&w)?;
+                for offset in 1..=4 {
+                    let pad = Tensor::zeros((offset, k), dtype, &dev)?;
+                    let moved = Tensor::cat(&[&pad, &w], 0)?.narrow(0, offset, n)?;
+                    assert_eq!(bits(&moved)?, want, "{dtype:?} k {k} m {m} offset {offset}");
+                }
             }
         }
         Ok(())
