@@ -114,54 +114,40 @@ impl DecodeAttention<'_> {
             let (query, g) = (&self.queries[i / kvh], i % kvh);
             let first_head = query.row * self.heads + g * n_rep;
             let qs = &q[first_head * hd..(first_head + n_rep) * hd];
-            self.one_fastest(qs, query.slots, g, (k, v), piece);
+            let item = Item {
+                qs,
+                slots: query.slots,
+                g,
+                k,
+                v,
+            };
+            self.one_fastest(item, piece);
         });
         Ok(out)
     }
 
     /// [`Self::one`] compiled for AVX-512 where the CPU has it (the loops vectorise 16 wide
     /// instead of the baseline's 4).
-    fn one_fastest<W: Weight>(
-        &self,
-        qs: &[f32],
-        slots: &[u32],
-        g: usize,
-        kv: (&[W], &[W]),
-        out: &mut [f32],
-    ) {
+    fn one_fastest<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the feature was detected just above.
-            return unsafe { self.one_avx512(qs, slots, g, kv, out) };
+            return unsafe { self.one_avx512(item, out) };
         }
-        self.one(qs, slots, g, kv, out)
+        self.one(item, out)
     }
 
     /// SAFETY: the CPU must have AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn one_avx512<W: Weight>(
-        &self,
-        qs: &[f32],
-        slots: &[u32],
-        g: usize,
-        kv: (&[W], &[W]),
-        out: &mut [f32],
-    ) {
-        self.one(qs, slots, g, kv, out)
+    unsafe fn one_avx512<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
+        self.one(item, out)
     }
 
-    /// `qs` (n_rep, hd): the query heads of kv head `g`, against the keys at `slots`, into
-    /// `out` (n_rep, hd).
+    /// One item into `out` (n_rep, hd).
     #[inline(always)]
-    fn one<W: Weight>(
-        &self,
-        qs: &[f32],
-        slots: &[u32],
-        g: usize,
-        (k, v): (&[W], &[W]),
-        out: &mut [f32],
-    ) {
+    fn one<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
+        let Item { qs, slots, g, k, v } = item;
         let (hd, kvh, n) = (self.hd, self.kv_heads, slots.len());
         // In bounds: `run` checked every slot against the pool.
         fn row<W>(pool: &[W], at: usize, hd: usize) -> &[W] {
@@ -219,6 +205,17 @@ fn prefetch<W>(pool: &[W], at: Option<usize>, hd: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (pool, at, hd);
+}
+
+/// One work item: the query heads `qs` (n_rep, hd) of kv head `g` against the keys and values
+/// at `slots` of the pools `k`, `v` (slots, kv_heads, hd).
+#[derive(Clone, Copy)]
+struct Item<'a, W> {
+    qs: &'a [f32],
+    slots: &'a [u32],
+    g: usize,
+    k: &'a [W],
+    v: &'a [W],
 }
 
 /// `a · b` in 16 running sums (short rounding chains; the loop vectorises).
