@@ -169,32 +169,11 @@ fn product<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f
         let first = item * ITEM_ROWS;
         let rows = ITEM_ROWS.min(n - first);
         let w = &w[first * k..(first + rows) * k];
-        let out = shared.ptr().wrapping_add(first);
-        let job = Job {
-            x,
-            w,
-            m,
-            k,
-            out,
-            ldo: n,
-        };
         // SAFETY: columns `first..first + rows` of the (m, n) buffer are this item's alone,
         // and `out` outlives `for_each_index`.
-        unsafe { rows_of(job) };
+        unsafe { rows_of(x, w, m, k, shared.ptr().add(first), n) };
     });
     out
-}
-
-/// One call of the row kernels: input rows `x` (m, k) against the weight rows `w` (stride
-/// `k`, `w.len() / k` of them), input row `c` · weight row `r` written to `out[c * ldo + r]`.
-#[derive(Clone, Copy)]
-struct Job<'a, W> {
-    x: &'a [f32],
-    w: &'a [W],
-    m: usize,
-    k: usize,
-    out: *mut f32,
-    ldo: usize,
 }
 
 /// How many elements of `T` from `p` the first one aligned to a vector of `lanes` of them is.
@@ -203,37 +182,36 @@ fn aligned_from<T>(p: *const T, lanes: usize) -> usize {
     (bytes - p as usize % bytes) % bytes / std::mem::size_of::<T>()
 }
 
-/// Runs `job` with the widest instruction set this CPU has.
+/// `w` holds `rows` weight rows of `k`; writes `x` row `c` · `w` row `r` to `out[c * ldo + r]`.
 ///
 /// SAFETY: `out[c * ldo + r]` for `c < m`, `r < w.len() / k` is valid and no one else's.
-unsafe fn rows_of<W: Weight>(job: Job<'_, W>) {
+unsafe fn rows_of<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, out: *mut f32, ldo: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the feature was detected just above; `out` as the caller promised.
-            return unsafe { simd::rows_avx512(job) };
+            return unsafe { simd::rows_avx512(x, w, m, k, out, ldo) };
         }
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
             // SAFETY: as above.
-            return unsafe { simd::rows_avx2(job) };
+            return unsafe { simd::rows_avx2(x, w, m, k, out, ldo) };
         }
     }
-    rows_scalar(job)
+    rows_scalar(x, w, m, k, out, ldo)
 }
 
 /// Without SIMD: one dot product at a time. SAFETY: as [`rows_of`].
-unsafe fn rows_scalar<W: Weight>(job: Job<'_, W>) {
-    let Job {
-        x,
-        w,
-        m,
-        k,
-        out,
-        ldo,
-    } = job;
+unsafe fn rows_scalar<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
     for (r, wrow) in w.chunks_exact(k).enumerate() {
         for (c, xrow) in x.chunks_exact(k).take(m).enumerate() {
             *out.add(c * ldo + r) = xrow.iter().zip(wrow).map(|(a, b)| a * b.widen()).sum();
@@ -245,7 +223,7 @@ unsafe fn rows_scalar<W: Weight>(job: Job<'_, W>) {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Job, Weight, AHEAD, ALIGN_FROM_M, FETCH_FROM_M, WR, XR};
+    use super::{Weight, AHEAD, ALIGN_FROM_M, FETCH_FROM_M, WR, XR};
 
     /// Loads `LANES` weights of type `W` as f32 lanes.
     pub(super) trait Load<W> {
@@ -379,11 +357,18 @@ mod simd {
 
     /// SAFETY: the CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows_avx512<W: Weight>(job: Job<'_, W>) {
-        if job.m == 1 {
-            return one_row_avx512(job);
+    pub(super) unsafe fn rows_avx512<W: Weight>(
+        x: &[f32],
+        w: &[W],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        if m == 1 {
+            return one_row_avx512(x, w, k, out, ldo);
         }
-        rows::<__m512, W>(job)
+        rows::<__m512, W>(x, w, m, k, out, ldo)
     }
 
     /// [`rows_avx512`] for one input row, compiled on its own: with `m` known, the blocks for
@@ -391,31 +376,38 @@ mod simd {
     /// is bound by memory, and spills slowed it by 8%).
     #[target_feature(enable = "avx512f")]
     #[inline(never)]
-    unsafe fn one_row_avx512<W: Weight>(job: Job<'_, W>) {
-        rows::<__m512, W>(Job { m: 1, ..job })
+    unsafe fn one_row_avx512<W: Weight>(x: &[f32], w: &[W], k: usize, out: *mut f32, ldo: usize) {
+        rows::<__m512, W>(x, w, 1, k, out, ldo)
     }
 
     /// SAFETY: the CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows_avx2<W: Weight>(job: Job<'_, W>) {
-        rows::<__m256, W>(job)
+    pub(super) unsafe fn rows_avx2<W: Weight>(
+        x: &[f32],
+        w: &[W],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        rows::<__m256, W>(x, w, m, k, out, ldo)
     }
 
-    /// `job` in register blocks of `V`. SAFETY: as `super::rows_of`.
+    /// `w` holds `w.len() / k` weight rows; `out[c * ldo + r]` gets input row `c` · weight
+    /// row `r`. SAFETY: as `super::rows_of`.
     #[inline(always)]
-    unsafe fn rows<V: Vector + Load<W>, W: Weight>(job: Job<'_, W>) {
-        let Job {
-            x,
-            w,
-            m,
-            k,
-            out,
-            ldo,
-        } = job;
+    unsafe fn rows<V: Vector + Load<W>, W: Weight>(
+        x: &[f32],
+        w: &[W],
+        m: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
         let rows = w.len() / k;
         assert!(x.len() >= m * k, "operand sizes");
         if k < V::LANES {
-            return super::rows_scalar(job);
+            return super::rows_scalar(x, w, m, k, out, ldo);
         }
         let (x, w) = (x.as_ptr(), w.as_ptr());
         // Each pass over a block of weight rows asks for its share of the block `AHEAD` blocks
