@@ -99,13 +99,18 @@ impl TextModel {
         })
     }
 
-    /// Quantizes every layer's attention and MLP projections in place (the embeddings, norms
-    /// and `lm_head` stay as loaded: the head's rounding would land on the logits unscaled).
+    /// Quantizes every layer's attention and MLP projections in place, and for Q8_0 the
+    /// `lm_head` too (as llama.cpp's Q8_0 files do: a fifth of a small model's bytes are the
+    /// head's; the K-quants' coarser rounding would land on the logits unscaled, so they leave
+    /// it). The embeddings and norms stay as loaded.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport> {
         let mut report = QuantReport::default();
         for layer in &mut self.layers {
             layer.attn.quantize(dtype, &mut report)?;
             layer.mlp.quantize(dtype, &mut report)?;
+        }
+        if dtype == GgmlDType::Q8_0 {
+            self.lm_head.quantize(dtype, &mut report)?;
         }
         Ok(report)
     }

@@ -1,5 +1,6 @@
 //! The decoder's projections (q/k/v/o, gate/up/down, lm_head): dense, or quantized in place
-//! after loading (`--quantize`) to a GGML block type run by candle's CPU kernels.
+//! after loading (`--quantize`) to a GGML block type run by candle's CPU kernels, or, for Q8_0
+//! on CPUs with AVX-512 VNNI, by this crate's kernel (`q8`, 2x faster here).
 //!
 //! A quantized matrix keeps its input dimension in blocks (32 values for Q8_0, 256 for the
 //! K-quants); a matrix whose input dimension is not a multiple of the block stays dense. Candle
@@ -12,6 +13,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::q8::Q8Matrix;
+
 /// A projection `x @ W^T + b`, W (out, in).
 #[derive(Debug)]
 pub enum Linear {
@@ -20,6 +23,12 @@ pub enum Linear {
     /// dtype), converted from and back to the activations' dtype.
     Quantized {
         weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+    /// Q8_0 weights run by this crate's AVX-512 VNNI kernel (`q8`), bias in f32, the product
+    /// in f32 as above.
+    Q8 {
+        weight: Q8Matrix,
         bias: Option<Tensor>,
     },
 }
@@ -61,11 +70,19 @@ impl Linear {
             report.bytes_after += bytes;
             return Ok(());
         }
+        let bias = dense.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        if dtype == GgmlDType::Q8_0 && weight.device().is_cpu() && Q8Matrix::supported() {
+            let weight = Q8Matrix::quantize(weight)?;
+            report.bytes_after += weight.bytes();
+            report.quantized += 1;
+            *self = Self::Q8 { weight, bias };
+            return Ok(());
+        }
         let q = QTensor::quantize(weight, dtype)?;
         report.bytes_after += q.storage_size_in_bytes();
         let quantized = Self::Quantized {
             weight: QMatMul::QTensor(Arc::new(q)),
-            bias: dense.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            bias,
         };
         // Two rows: every kernel choice (some are m > 1 only) repacks now.
         let probe = Tensor::zeros((2, input), weight.dtype(), weight.device())?;
@@ -83,11 +100,14 @@ impl Module for Linear {
             Self::Dense(l) => dense_forward(l, xs),
             Self::Quantized { weight, bias } => {
                 let ys = weight.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?;
-                let ys = match bias {
-                    Some(b) => ys.broadcast_add(b)?,
-                    None => ys,
+                add_bias(ys, bias.as_ref())?.to_dtype(xs.dtype())
+            }
+            Self::Q8 { weight, bias } => {
+                let Some((&input, lead)) = xs.dims().split_last() else {
+                    candle_core::bail!("q8_0 projection of a scalar")
                 };
-                ys.to_dtype(xs.dtype())
+                let ys = weight.forward(&xs.to_dtype(DType::F32)?.reshape(((), input))?)?;
+                unflatten(add_bias(ys, bias.as_ref())?, lead)?.to_dtype(xs.dtype())
             }
         }
     }
@@ -102,10 +122,19 @@ fn dense_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     let Some(ys) = super::small_m::matmul_t(&xs.reshape((rows, input))?, l.weight())? else {
         return l.forward(xs);
     };
-    let ys = match l.bias() {
-        Some(b) => ys.broadcast_add(b)?,
-        None => ys,
-    };
+    unflatten(add_bias(ys, l.bias())?, lead)
+}
+
+/// `ys` (rows, out) + `bias` (out,) when there is one.
+fn add_bias(ys: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => ys.broadcast_add(b),
+        None => Ok(ys),
+    }
+}
+
+/// (rows, out) -> (...lead, out), rows being the product of `lead`.
+fn unflatten(ys: Tensor, lead: &[usize]) -> Result<Tensor> {
     let mut shape = lead.to_vec();
     shape.push(ys.dim(1)?);
     ys.reshape(shape)

@@ -33,6 +33,7 @@ mod linear;
 mod llava;
 mod norm;
 mod par;
+mod q8;
 pub mod qwen2vl;
 mod rope;
 pub mod small_m;
