@@ -152,6 +152,11 @@ mod tests {
         Ok(norm(&(a - b)?)? / norm(b)?)
     }
 
+    /// Candle's kernels, or (Q8_0 on CPUs with AVX-512 VNNI) this crate's.
+    fn is_quantized(l: &Linear) -> bool {
+        matches!(l, Linear::Quantized { .. } | Linear::Q8 { .. })
+    }
+
     /// Random normal W (out, in), bias and x (m, in): the quantized product stays within the
     /// type's rounding of the dense one. Both sides are rounded (candle quantizes the
     /// activations to 8 bits per block too), so the bounds are about twice what weight-only
@@ -174,7 +179,7 @@ mod tests {
             let mut q = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
             let mut report = QuantReport::default();
             q.quantize(dtype, &mut report)?;
-            assert!(matches!(q, Linear::Quantized { .. }), "{dtype:?}");
+            assert!(is_quantized(&q), "{dtype:?}");
             assert_eq!(report.quantized, 1);
             assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
             let got = q.forward(&x)?;
@@ -182,6 +187,10 @@ mod tests {
             let err = relative_error(&got, &want)?;
             assert!(err < bound, "{dtype:?}: relative error {err}");
             assert!(err > 0.0, "{dtype:?}: the product was not quantized");
+            // Leading dimensions pass through.
+            let batched = q.forward(&x.unsqueeze(0)?)?;
+            assert_eq!(batched.dims(), [1, m, out]);
+            assert_eq!(relative_error(&batched.squeeze(0)?, &got)?, 0.0);
             // f16 activations go through the f32 kernels and come back in f16.
             let half = q.forward(&x.to_dtype(DType::F16)?)?;
             assert_eq!(half.dtype(), DType::F16);
@@ -199,7 +208,7 @@ mod tests {
         l.quantize(GgmlDType::Q4K, &mut report)?; // 96 is not a multiple of 256
         assert!(matches!(l, Linear::Dense(_)));
         l.quantize(GgmlDType::Q8_0, &mut report)?; // but it is of 32
-        assert!(matches!(l, Linear::Quantized { .. }));
+        assert!(is_quantized(&l));
         l.quantize(GgmlDType::Q8_0, &mut report)?; // already quantized: left alone
         assert_eq!((report.quantized, report.kept_dense), (1, 1), "{report:?}");
         Ok(())
