@@ -78,8 +78,8 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A pool for `shape` as big as `cfg` allows (the whole budget is allocated now; on CPU the
-    /// pages are only touched as blocks are first used). Fails when not one block fits.
+    /// A pool for `shape` as big as `cfg` allows, all of it allocated and (on the CPU) written
+    /// now. Fails when not one block fits.
     pub fn new(shape: &KvShape, cfg: &KvCacheConfig) -> Result<Self> {
         let bs = cfg.block_size.max(1);
         let block_bytes = shape.bytes_per_token() * bs;
@@ -92,7 +92,14 @@ impl KvCache {
         }
         let pool = || {
             let dims = (num_blocks * bs, shape.kv_heads, shape.head_dim);
-            Tensor::zeros(dims, shape.dtype, &shape.device)
+            let t = Tensor::zeros(dims, shape.dtype, &shape.device)?;
+            // On the CPU fresh zeroed pages are only mapped when first written: writing them
+            // now takes the whole budget at start (as vLLM and llama.cpp do), so the memory
+            // stays flat under load and a budget the machine cannot hold stops the server here.
+            if t.device().is_cpu() {
+                t.zero_set()?;
+            }
+            Ok::<_, candle_core::Error>(t)
         };
         let layers = (0..shape.num_layers)
             .map(|_| {
