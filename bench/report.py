@@ -21,14 +21,6 @@ def load(path):
     return json.loads(Path(path).read_text())
 
 
-def kv_block_mib(config, block_size=16):
-    """MiB of one f32 KV block (mmserve's default 16 positions): keys and values of every layer."""
-    t = config["text_config"]
-    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
-    kv_heads = t.get("num_key_value_heads") or t["num_attention_heads"]
-    return block_size * t["num_hidden_layers"] * 2 * kv_heads * head_dim * 4 / 2**20
-
-
 def decoder_bytes(model_dir):
     """Bytes of the tensors one batch-1 decode step reads, from the safetensors header."""
     total = 0
@@ -101,11 +93,11 @@ def main():
         for r in hf["runs"]:
             lines.append(f"| {r['kind']} | transformers | batch {r['batch']} | {r['ttft_s']:.2f} | — | "
                          f"{r['tpot_ms']:.1f} | {r['output_tok_s']:.1f} | {fmt(r['peak_rss_mb'], '.0f')} |")
-        lines += ["", *targets(ms, hf, bound, wbytes, vision_gflop_per_tile(config), enc_rate, kv_block_mib(config))]
+        lines += ["", *targets(ms, hf, bound, wbytes, vision_gflop_per_tile(config), enc_rate)]
     print("\n".join(lines))
 
 
-def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, kv_mib):
+def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate):
     lv = {(x["kind"], x["concurrency"]): x for x in ms["levels"]}
     t1, t16 = lv.get(("text", 1)), lv.get(("text", 16))
     i1, i4 = lv.get(("image", 1)), lv.get(("image", 4))
@@ -147,22 +139,12 @@ def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, kv_mib):
         a, b = pre["ttft_first_median_s"], pre["ttft_second_median_s"]
         row("TTFT of a second question on the same long system prompt vs the first (prefix cache)",
             f"{b:.2f} s vs {a:.2f} s = {b / a:.2f}", "recomputes only the question")
-    kv0, kv1 = ms.get("kv_after_warmup"), ms.get("kv_after_load")
+    kv1 = ms.get("kv_after_load")
     if kv1:
         row("KV blocks held by sequences after the load (mmserve's /health)", f"{kv1['kv_blocks_used']}", "0")
     r0, r1 = ms.get("rss_after_warmup_mb"), ms.get("rss_after_load_mb")
     if r0 and r1:
         row("RSS after the load vs after warm-up", f"{r1:.0f} MB vs {r0:.0f} MB ({r1 / r0 - 1:+.0%})", "within 10%")
-    if r0 and r1 and kv0 and kv1:
-        # Pool pages are taken as blocks are first written; blocks kept for the prefix cache
-        # were all written, so their growth is a floor on the pool's pages the load touched.
-        per_block = kv_mib
-        kept = lambda kv: kv["kv_blocks_used"] + kv["kv_blocks_cached"]  # noqa: E731
-        pool = (kept(kv1) - kept(kv0)) * per_block
-        rest = r1 - pool
-        row("the same, less the KV pool pages the load filled (blocks kept for the prefix cache: "
-            f"{kept(kv0)} → {kept(kv1)} of {kv1['kv_blocks_total']}, {per_block * 1024:.0f} KiB each)",
-            f"{rest:.0f} MB vs {r0:.0f} MB ({rest / r0 - 1:+.0%})", "within 10%")
     return out
 
 

@@ -6,16 +6,23 @@
 //! multi-MiB activation of the vision encoder was page-faulted and zeroed again, layer after
 //! layer (its attention scores' product took 2.5 times as long). Keeping them in the heap
 //! means the heap keeps its high-water mark, so the engine trims it when it goes idle.
+//!
+//! glibc also gives each thread that allocates while others hold the heap an arena of its own
+//! (up to 8 per core): the HTTP workers, the engine thread and candle's pool threads. Memory
+//! freed into those arenas came back to the system only in part, and the server's RSS grew by
+//! ~230 MB over `bench/run.sh`'s load (3101 -> 3331 MB, +7%); with 2 arenas it grew by 3 MB,
+//! at the same throughput within the run-to-run noise (bench/README.md, "Memory").
 
-/// Fixes glibc's thresholds: allocations up to 32 MiB come from the heap, and up to 128 MiB of
-/// free heap top is kept for the next step rather than returned. Call once, before threads
-/// start (from `main`).
+/// Fixes glibc's thresholds: allocations up to 32 MiB come from the heap, up to 128 MiB of
+/// free heap top is kept for the next step rather than returned, and all threads share 2
+/// arenas. Call once, before threads start (from `main`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_large_allocations() {
     // SAFETY: mallopt only sets allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
