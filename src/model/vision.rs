@@ -53,6 +53,11 @@ impl VisionAttention {
         let q = split((self.q.forward(xs)? * scale)?)?;
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
+        if mask.is_none() {
+            if let Some(ctx) = super::encoder_attention::attention(&q, &k, &v)? {
+                return self.out.forward(&ctx);
+            }
+        }
         // A few heads at a time keep the (N, heads, S, S) scores small: 48 MiB for one
         // 1024-patch tile with 12 heads would be mapped fresh (and page-faulted) by every layer.
         let per = (SCORES_BYTES / (n * s * s * 4).max(1)).clamp(1, self.heads);
