@@ -113,16 +113,56 @@ impl Module for Linear {
     }
 }
 
-/// `x @ W^T + b` with the small-m kernel when a step has few rows (decoding), else candle's.
+/// A dense projection of the encoders (vision towers; CLIP and SigLIP text towers): whatever
+/// the number of rows, one kernel (the many-rows one on the CPU in f32, else candle's), so an
+/// input's output has the same bits alone or batched with others (the decoder's [`Linear`]
+/// picks its kernel by row count).
+#[derive(Debug)]
+pub struct EncoderLinear(candle_nn::Linear);
+
+impl EncoderLinear {
+    /// Loads `weight` (out, in) and `bias` (out,) under `vb`.
+    pub fn load(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
+        candle_nn::linear(input, output, vb).map(Self)
+    }
+}
+
+impl Module for EncoderLinear {
+    /// (..., in) -> (..., out).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let Some((&input, lead)) = xs.dims().split_last() else {
+            return self.0.forward(xs);
+        };
+        let x = xs.reshape(((), input))?;
+        let group = sequence_len(lead);
+        match super::many_rows::matmul_t(&x, self.0.weight(), self.0.bias(), group)? {
+            Some(ys) => unflatten(ys, lead),
+            None => self.0.forward(xs),
+        }
+    }
+}
+
+/// `x @ W^T + b` with the small-m kernel when a step has few rows (decoding), split by rows
+/// across the pool when it has many (f32 on the CPU), else candle's.
 fn dense_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     let Some((&input, lead)) = xs.dims().split_last() else {
         return l.forward(xs);
     };
     let rows = lead.iter().product::<usize>();
-    let Some(ys) = super::small_m::matmul_t(&xs.reshape((rows, input))?, l.weight())? else {
-        return l.forward(xs);
-    };
-    unflatten(add_bias(ys, l.bias())?, lead)
+    let x = xs.reshape((rows, input))?;
+    if let Some(ys) = super::small_m::matmul_t(&x, l.weight())? {
+        return unflatten(add_bias(ys, l.bias())?, lead);
+    }
+    if let Some(ys) = super::many_rows::matmul_t(&x, l.weight(), l.bias(), sequence_len(lead))? {
+        return unflatten(ys, lead);
+    }
+    l.forward(xs)
+}
+
+/// The rows of one sequence in an input whose leading dimensions are `lead` (..., S): its
+/// last one (1 for a vector).
+fn sequence_len(lead: &[usize]) -> usize {
+    lead.last().copied().unwrap_or(1)
 }
 
 /// `ys` (rows, out) + `bias` (out,) when there is one.

@@ -5,11 +5,12 @@
 //! `post_layernorm` and SigLIP's pooling head are not part of any hidden state and are not loaded.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::activation::Activation;
 use super::attention::softmax_f32;
 use super::config::{VisionConfig, VisionKind};
+use super::linear::EncoderLinear as Linear;
 
 /// Most bytes of attention scores computed at once (heads are taken in groups under it).
 const SCORES_BYTES: usize = 16 << 20;
@@ -28,10 +29,10 @@ impl VisionAttention {
     fn load(shape: &EncoderShape, vb: VarBuilder) -> Result<Self> {
         let d = shape.hidden;
         Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            out: linear(d, d, vb.pp("out_proj"))?,
+            q: Linear::load(d, d, vb.pp("q_proj"))?,
+            k: Linear::load(d, d, vb.pp("k_proj"))?,
+            v: Linear::load(d, d, vb.pp("v_proj"))?,
+            out: Linear::load(d, d, vb.pp("out_proj"))?,
             heads: shape.heads,
             head_dim: shape.head_dim,
         })
@@ -123,8 +124,8 @@ impl EncoderLayer {
             norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
             attn: VisionAttention::load(shape, vb.pp("self_attn"))?,
             norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, inner, vb.pp("mlp.fc1"))?,
-            fc2: linear(inner, d, vb.pp("mlp.fc2"))?,
+            fc1: Linear::load(d, inner, vb.pp("mlp.fc1"))?,
+            fc2: Linear::load(inner, d, vb.pp("mlp.fc2"))?,
             act: shape.act,
         })
     }
