@@ -44,13 +44,21 @@ fn main() -> Result<()> {
         linear(f, d, &dev)?,
     );
     let linear_flop = |i: usize, o: usize| 2.0 * (s * i * o) as f64;
-    time(
-        "projection d -> d (x4 per layer)",
-        linear_flop(d, d),
-        || proj.forward(&x),
-    )?;
-    time("fc1 d -> 4d", linear_flop(d, f), || fc1.forward(&x))?;
-    time("fc2 4d -> d", linear_flop(f, d), || fc2.forward(&h))?;
+    let many = |l: &candle_nn::Linear, x: &Tensor| -> Result<Tensor> {
+        let x = x.squeeze(0)?;
+        mmserve::model::many_rows::matmul_t(&x, l.weight(), l.bias(), s)?
+            .ok_or_else(|| candle_core::Error::Msg("many-rows path does not apply".into()))
+    };
+    for (name, l, input, i, o) in [
+        ("projection d -> d (x4 per layer)", &proj, &x, d, d),
+        ("fc1 d -> 4d", &fc1, &x, d, f),
+        ("fc2 4d -> d", &fc2, &h, f, d),
+    ] {
+        time(name, linear_flop(i, o), || l.forward(input))?;
+        time("  the same, many-rows path", linear_flop(i, o), || {
+            many(l, input)
+        })?;
+    }
     // (1, heads, S, hd) each; heads taken 4 at a time as src/model/vision.rs does.
     let qkv = || Tensor::randn(0f32, 1.0, (1, heads, s, hd), &dev);
     let (q, k, v) = (qkv()?, qkv()?, qkv()?);

@@ -32,7 +32,7 @@ mod json;
 mod kv_cache;
 mod linear;
 mod llava;
-mod many_rows;
+pub mod many_rows;
 mod norm;
 mod par;
 mod q8;
