@@ -84,12 +84,18 @@ impl CustomOp3 for DecodeAttention<'_> {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = slice::<f32>(qs, ql)?;
+        let q = super::par::operand::<f32>(qs, ql)?;
         let out = match (ks, vs) {
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
-                self.run(q, slice::<f16>(ks, kl)?, slice::<f16>(vs, vl)?)?
-            }
-            _ => self.run(q, slice::<f32>(ks, kl)?, slice::<f32>(vs, vl)?)?,
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
+                q,
+                super::par::operand::<f16>(ks, kl)?,
+                super::par::operand::<f16>(vs, vl)?,
+            )?,
+            _ => self.run(
+                q,
+                super::par::operand::<f32>(ks, kl)?,
+                super::par::operand::<f32>(vs, vl)?,
+            )?,
         };
         let shape = Shape::from((self.queries.len(), self.heads * self.hd));
         Ok((CpuStorage::F32(out), shape))
@@ -235,13 +241,6 @@ fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
-}
-
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("decode attention: operand not contiguous")
-    };
-    Ok(&s.as_slice::<T>()?[start..end])
 }
 
 #[cfg(test)]

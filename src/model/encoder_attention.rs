@@ -17,6 +17,8 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::par::operand;
+
 /// Queries per work item: their scores and probabilities (2 x 16 x S f32, 128 KiB for S =
 /// 1024) stay in L2.
 const QUERIES: usize = 16;
@@ -75,7 +77,7 @@ impl CustomOp3 for Fused {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, kt, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
+        let (q, kt, v) = (operand(qs, ql)?, operand(ks, kl)?, operand(vs, vl)?);
         let Fused { n, heads, s, hd } = *self;
         let len = n * heads * s * hd;
         if [q.len(), kt.len(), v.len()] != [len; 3] || !avx512() {
@@ -99,13 +101,35 @@ impl CustomOp3 for Fused {
                 // each; output rows b*S + first.. of head h are this item's alone, and `out`
                 // outlives `for_each_index`.
                 unsafe {
-                    simd::scores(&q[head + first * hd..], &kt[head..], rows, s, hd, scores);
+                    // (rows, S) scores: the item's queries times the keys transposed.
+                    simd::product(&simd::Product {
+                        a: q[head + first * hd..].as_ptr(),
+                        lda: hd,
+                        b: kt[head..].as_ptr(),
+                        ldb: s,
+                        rows,
+                        depth: hd,
+                        cols: s,
+                        out: scores.as_mut_ptr(),
+                        ldo: s,
+                    });
                     for r in 0..rows {
                         let at = r * s..(r + 1) * s;
                         super::attention::softmax_row(&scores[at.clone()], &mut probs[at]);
                     }
-                    let out = shared.ptr().add(((b * s + first) * heads + h) * hd);
-                    simd::context(probs, &v[head..], rows, s, hd, out, heads * hd);
+                    // (rows, hd) context: the probabilities times the values, into the
+                    // (N, S, heads x hd) output.
+                    simd::product(&simd::Product {
+                        a: probs.as_ptr(),
+                        lda: s,
+                        b: v[head..].as_ptr(),
+                        ldb: hd,
+                        rows,
+                        depth: s,
+                        cols: hd,
+                        out: shared.ptr().add(((b * s + first) * heads + h) * hd),
+                        ldo: heads * hd,
+                    });
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (b, h, rows, head, scores, probs);
@@ -113,13 +137,6 @@ impl CustomOp3 for Fused {
         });
         Ok((CpuStorage::F32(out), Shape::from((n, s, heads * hd))))
     }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("encoder attention: operand not contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -11,6 +11,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::par::operand;
+
 /// `x` (m, k) @ `w` (n, k)^T + `bias` (n,) -> (m, n) f32, when this path applies: CPU, f32,
 /// `w` and `bias` contiguous, `group` dividing m. `None` otherwise (the caller uses candle's
 /// matmul). Each `group` rows (a sequence of a batch) are one product, as candle's batched
@@ -64,7 +66,7 @@ impl CustomOp2 for ManyRows {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        product(slice(xs, xl)?, xl, slice(ws, wl)?, wl, None, self.group)
+        product(operand(xs, xl)?, xl, operand(ws, wl)?, wl, None, self.group)
     }
 }
 
@@ -82,23 +84,10 @@ impl CustomOp3 for ManyRows {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let bias = Some(slice(bs, bl)?);
-        product(slice(xs, xl)?, xl, slice(ws, wl)?, wl, bias, self.group)
+        let bias = Some(operand(bs, bl)?);
+        product(operand(xs, xl)?, xl, operand(ws, wl)?, wl, bias, self.group)
     }
 }
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("many-rows matmul: operand not contiguous")
-    };
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
-/// An output buffer whose column ranges the pool's threads write apart.
-struct Columns(*mut f32);
-
-// SAFETY: each part writes only its own columns (see `product`).
-unsafe impl Sync for Columns {}
 
 fn product(
     x: &[f32],
@@ -125,8 +114,7 @@ fn product(
     // Split by output columns too (each thread packs what it reads), not by rows: a part is
     // then the product one call would make for its columns.
     let parts = (candle_core::utils::barrier_pool().n_workers() + 1).clamp(1, n.max(1));
-    let dst = Columns(out.as_mut_ptr());
-    let dst = &dst;
+    let dst = super::par::Disjoint::new(&mut out);
     super::par::for_each_index(m / group * parts, |item| {
         let (g, part) = (item / parts, item % parts);
         let (first, end) = (part * n / parts, (part + 1) * n / parts);
@@ -140,7 +128,7 @@ fn product(
                 group,
                 end - first,
                 k,
-                dst.0.add(row * n + first),
+                dst.ptr().add(row * n + first),
                 1,
                 n as isize,
                 bias.is_some(),

@@ -1,6 +1,17 @@
 //! Splitting an output buffer across candle's CPU thread pool (the spinning pool its quantized
 //! kernels use: the calling thread works too, and a worker spins between a step's many small
-//! calls instead of sleeping and waking as rayon's do).
+//! calls instead of sleeping and waking as rayon's do), and reading the CPU custom ops'
+//! operands.
+
+use candle_core::{CpuStorage, Layout, Result, WithDType};
+
+/// A custom op's operand as the contiguous slice of `T` its layout covers.
+pub fn operand<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("CPU custom op: operand not contiguous")
+    };
+    Ok(&s.as_slice::<T>()?[start..end])
+}
 
 /// Calls `f(index, chunk)` for every `chunk`-long piece of `out` (the last may be shorter), the
 /// pieces shared out across the pool's threads.

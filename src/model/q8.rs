@@ -169,10 +169,7 @@ impl CustomOp1 for Product<'_> {
         if k != w.k || !Q8Matrix::supported() {
             candle_core::bail!("q8_0 product: input (.., {k}) for weights {w:?} on this CPU");
         }
-        let Some((first, last)) = xl.contiguous_offsets() else {
-            candle_core::bail!("q8_0 product: input not contiguous")
-        };
-        let rows = Rows::new(&xs.as_slice::<f32>()?[first..last]);
+        let rows = Rows::new(super::par::operand::<f32>(xs, xl)?);
         let mut out = vec![0f32; m * w.n];
         let shared = super::par::Disjoint::new(&mut out);
         super::par::for_each_index(w.n.div_ceil(PANEL), |p| {

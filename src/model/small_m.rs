@@ -78,27 +78,20 @@ impl CustomOp2 for SmallM {
         let widened: Vec<f32>;
         let x = match xs {
             CpuStorage::F16(_) => {
-                widened = contiguous::<f16>(xs, xl)?
+                widened = super::par::operand::<f16>(xs, xl)?
                     .iter()
                     .map(|v| v.to_f32())
                     .collect();
                 &widened[..]
             }
-            _ => contiguous::<f32>(xs, xl)?,
+            _ => super::par::operand::<f32>(xs, xl)?,
         };
         let out = match ws {
-            CpuStorage::F16(_) => product(x, contiguous::<f16>(ws, wl)?, m, n, k),
-            _ => product(x, contiguous::<f32>(ws, wl)?, m, n, k),
+            CpuStorage::F16(_) => product(x, super::par::operand::<f16>(ws, wl)?, m, n, k),
+            _ => product(x, super::par::operand::<f32>(ws, wl)?, m, n, k),
         };
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
-}
-
-fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("small-m matmul: operand not contiguous")
-    };
-    Ok(&s.as_slice::<T>()?[start..end])
 }
 
 /// A weight element the kernel reads: f32, or f16 widened to f32 (also a register's worth).
