@@ -80,5 +80,14 @@ fn main() -> Result<()> {
         product_flop * per as f64 / heads as f64,
         || p.matmul(&part(&v, 0)?),
     )?;
+    // Scores, softmax and values in one pass (src/model/encoder_attention.rs), all heads.
+    time(
+        "attention, fused (both products)",
+        2.0 * product_flop,
+        || {
+            mmserve::model::encoder_attention::attention(&q, &k, &v)?
+                .ok_or_else(|| candle_core::Error::Msg("fused attention does not apply".into()))
+        },
+    )?;
     Ok(())
 }

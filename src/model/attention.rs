@@ -80,6 +80,16 @@ impl candle_core::CustomOp1 for RowSoftmax {
 /// `out = exp(x - max x) / sum`; a row of `-inf` only (every key hidden) gives NaN, as
 /// torch's softmax does.
 pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected just above.
+        return unsafe { super::fast_exp::softmax_avx512(x, out) };
+    }
+    softmax_portable(x, out)
+}
+
+/// [`softmax_row`] in plain loops.
+fn softmax_portable(x: &[f32], out: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = v - max;
@@ -271,6 +281,40 @@ impl SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 row softmax gives the portable loops' bits (it sums in the same order and
+    /// uses the same `exp`), at lengths around the 16-lane chunks, with huge and hidden
+    /// (-inf) scores, a row hidden entirely (NaN, as torch) and a NaN score.
+    #[test]
+    fn avx512_softmax_is_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            for n in [0, 1, 15, 16, 17, 33, 1024, 1029] {
+                let mut x: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                    .collect();
+                if n > 3 {
+                    x[1] = f32::NEG_INFINITY;
+                }
+                let (mut huge, mut with_nan) = (x.clone(), x.clone());
+                if n > 3 {
+                    huge[n - 1] = 80.0;
+                    with_nan[2] = f32::NAN;
+                }
+                let hidden = vec![f32::NEG_INFINITY; n];
+                for row in [&x, &huge, &hidden, &with_nan] {
+                    let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+                    softmax_portable(row, &mut want);
+                    // SAFETY: the feature was detected above; the lengths match.
+                    unsafe { crate::model::fast_exp::softmax_avx512(row, &mut got) };
+                    let bits = |v: &[f32]| v.iter().map(|p| p.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "n = {n}");
+                }
+            }
+            return;
+        }
+        eprintln!("skipped: no AVX-512 on this CPU");
+    }
 
     /// Against candle's softmax over rows of several widths (odd ones, one row per item and
     /// many), with a masked key. Both compute exp(x - max) / sum in f32; only the sum's order

@@ -19,14 +19,14 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::par::operand;
 
-/// Queries per work item: their scores and probabilities (2 x 16 x S f32, 128 KiB for S =
-/// 1024) stay in L2.
-const QUERIES: usize = 16;
+/// Queries per work item, 4 register blocks: their scores and probabilities (2 x 24 x S f32,
+/// 192 KiB for S = 1024) stay in L2.
+const QUERIES: usize = 4 * simd::ROWS;
 
 /// `softmax(q k^T) v` for `q`, `k`, `v` (N, heads, S, head_dim), `q` already scaled, no mask:
 /// (N, S, heads x head_dim) f32. `None` where this kernel does not apply (not the CPU, not f32,
 /// no AVX-512).
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
     let applies = q.device().is_cpu()
         && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
         && q.dims() == k.dims()
@@ -36,11 +36,9 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Ten
         return Ok(None);
     }
     let (n, heads, s, hd) = q.dims4()?;
-    // (N, heads, head_dim, S): the score kernel reads 64 keys' d-th values as 4 vectors.
-    let kt = k.transpose(2, 3)?.contiguous()?;
     let op = Fused { n, heads, s, hd };
     q.contiguous()?
-        .apply_op3_no_bwd(&kt, &v.contiguous()?, &op)
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
         .map(Some)
 }
 
@@ -77,14 +75,16 @@ impl CustomOp3 for Fused {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, kt, v) = (operand(qs, ql)?, operand(ks, kl)?, operand(vs, vl)?);
+        let (q, k, v) = (operand(qs, ql)?, operand(ks, kl)?, operand(vs, vl)?);
         let Fused { n, heads, s, hd } = *self;
         let len = n * heads * s * hd;
-        if [q.len(), kt.len(), v.len()] != [len; 3] || !avx512() {
+        if [q.len(), k.len(), v.len()] != [len; 3] || !avx512() {
             candle_core::bail!(
                 "encoder attention: operands do not match ({n}, {heads}, {s}, {hd})"
             );
         }
+        let kt = transposed_panels(k, s, hd);
+        let panels = s.div_ceil(simd::COLS);
         let mut out = vec![0f32; len];
         let shared = super::par::Disjoint::new(&mut out);
         let blocks = s.div_ceil(QUERIES);
@@ -105,8 +105,9 @@ impl CustomOp3 for Fused {
                     simd::product(&simd::Product {
                         a: q[head + first * hd..].as_ptr(),
                         lda: hd,
-                        b: kt[head..].as_ptr(),
-                        ldb: s,
+                        b: kt[nh * panels * hd * simd::COLS..].as_ptr(),
+                        ldb: simd::COLS,
+                        panel: hd * simd::COLS,
                         rows,
                         depth: hd,
                         cols: s,
@@ -124,6 +125,7 @@ impl CustomOp3 for Fused {
                         lda: s,
                         b: v[head..].as_ptr(),
                         ldb: hd,
+                        panel: simd::COLS,
                         rows,
                         depth: s,
                         cols: hd,
@@ -137,6 +139,28 @@ impl CustomOp3 for Fused {
         });
         Ok((CpuStorage::F32(out), Shape::from((n, s, heads * hd))))
     }
+}
+
+/// Each head's keys `k` (heads, S, hd) transposed into panels of [`simd::COLS`] keys: (heads,
+/// panels, hd, COLS), the keys past S zero. The score product then reads each depth step's
+/// 64 keys from one contiguous line of 256 bytes; from a plain (hd, S) transpose those lines
+/// lay S x 4 bytes apart, 4 KiB for S = 1024, all in the same few L1 sets, and the product ran
+/// at half its rate.
+fn transposed_panels(k: &[f32], s: usize, hd: usize) -> Vec<f32> {
+    let cols = simd::COLS;
+    let panels = s.div_ceil(cols);
+    let per_head = panels * hd * cols;
+    let mut kt = vec![0f32; k.len() / (s * hd).max(1) * per_head];
+    super::par::for_each_chunk_mut(&mut kt, per_head, |h, out| {
+        let keys = &k[h * s * hd..(h + 1) * s * hd];
+        for (j, key) in keys.chunks_exact(hd).enumerate() {
+            let (p, c) = (j / cols, j % cols);
+            for (t, &x) in key.iter().enumerate() {
+                out[(p * hd + t) * cols + c] = x;
+            }
+        }
+    });
+    kt
 }
 
 #[cfg(target_arch = "x86_64")]

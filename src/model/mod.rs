@@ -22,7 +22,7 @@ mod config;
 mod decode_attention;
 mod decoder;
 pub mod embed;
-mod encoder_attention;
+pub mod encoder_attention;
 mod error;
 mod family;
 mod fast_exp;

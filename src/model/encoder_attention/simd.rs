@@ -1,23 +1,28 @@
 //! The register-blocked product of the fused encoder attention (`super`), in AVX-512: both of
 //! its products (scores = q · keys transposed, context = probabilities · values) are a few rows
-//! of A times B, computed 4 rows x 4 vectors of 16 columns at a time (16 accumulators), with
-//! masks where a row of B ends.
+//! of A times B, computed 6 rows x 4 vectors of 16 columns at a time (24 accumulators: per
+//! depth step 4 loads of B and 6 broadcasts of A feed 24 FMAs, so the FMA units, not the loads,
+//! set the pace), with masks where a row of B ends.
 
 use std::arch::x86_64::*;
 
 /// Rows of A per register block.
-const ROWS: usize = 4;
+pub(super) const ROWS: usize = 6;
 /// Vectors of B's columns per register block.
 const VECS: usize = 4;
 const LANES: usize = 16;
+/// B's columns per register block.
+pub(super) const COLS: usize = VECS * LANES;
 
-/// The operands of `out = A · B`: A (rows, depth) with row stride `lda`, B (depth, cols) with
-/// row stride `ldb`, out (rows, cols) with row stride `ldo`.
+/// The operands of `out = A · B`: A (rows, depth) with row stride `lda`; B (depth, cols) in
+/// panels of [`COLS`] columns, `panel` apart, each panel's rows `ldb` apart; out (rows, cols)
+/// with row stride `ldo`. A row-major B is one with `panel = COLS`.
 pub(super) struct Product {
     pub a: *const f32,
     pub lda: usize,
     pub b: *const f32,
     pub ldb: usize,
+    pub panel: usize,
     pub rows: usize,
     pub depth: usize,
     pub cols: usize,
@@ -25,49 +30,76 @@ pub(super) struct Product {
     pub ldo: usize,
 }
 
-/// `out[r * ldo + c] = sum_t a[r * lda + t] * b[t * ldb + c]`, each sum in `t` order.
+/// `out[r * ldo + c] = sum_t a[r * lda + t] * b[t * ldb + c]`, each sum in `t` order. One
+/// panel of B at a time, and within it [`DEPTH`] rows of B at a time against every block of
+/// A's rows, so that those rows of B are read from L1 by every block: the running sums go
+/// to `out` between the pieces and come back from it unchanged, so the order of the additions
+/// is the same as in one pass.
 ///
 /// SAFETY: needs AVX-512F; the three buffers hold what the strides and sizes reach, and the
 /// output places written are the caller's alone.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn product(p: &Product) {
-    let mut r = 0;
-    while r < p.rows {
-        let (a, out) = (p.a.add(r * p.lda), p.out.add(r * p.ldo));
-        match p.rows - r {
-            1 => rows::<1>(p, a, out),
-            2 => rows::<2>(p, a, out),
-            3 => rows::<3>(p, a, out),
-            _ => rows::<ROWS>(p, a, out),
+    for c0 in (0..p.cols).step_by(COLS) {
+        for t0 in (0..p.depth).step_by(DEPTH) {
+            let ts = t0..p.depth.min(t0 + DEPTH);
+            let mut r = 0;
+            while r < p.rows {
+                let (a, out) = (p.a.add(r * p.lda), p.out.add(r * p.ldo));
+                let at = (c0, ts.clone());
+                match p.rows - r {
+                    1 => block::<1>(p, a, at, out),
+                    2 => block::<2>(p, a, at, out),
+                    3 => block::<3>(p, a, at, out),
+                    4 => block::<4>(p, a, at, out),
+                    5 => block::<5>(p, a, at, out),
+                    _ => block::<ROWS>(p, a, at, out),
+                }
+                r += ROWS;
+            }
         }
-        r += ROWS;
     }
 }
 
-/// Rows `0..R` of A from `a` into `out`, 64 columns at a time.
+/// Rows of B a piece of [`product`] covers: 16 KiB of a 64-column panel.
+const DEPTH: usize = 64;
+
+/// Rows `0..R` of A from `a` times rows `ts` of the panel of B at column `c0`, added to the
+/// sums in `out` (which start at zero when `ts` starts at 0).
 #[inline(always)]
-unsafe fn rows<const R: usize>(p: &Product, a: *const f32, out: *mut f32) {
-    for c0 in (0..p.cols).step_by(VECS * LANES) {
-        let masks = masks(p.cols - c0);
-        let mut acc = [[_mm512_setzero_ps(); VECS]; R];
-        for t in 0..p.depth {
-            let row = p.b.add(t * p.ldb + c0);
-            // Masked-off lanes are neither read nor written (nor is their address used).
-            let b: [__m512; VECS] = std::array::from_fn(|c| {
-                _mm512_maskz_loadu_ps(masks[c], row.wrapping_add(c * LANES))
-            });
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let at = _mm512_set1_ps(*a.add(r * p.lda + t));
-                for c in 0..VECS {
-                    acc[c] = _mm512_fmadd_ps(at, b[c], acc[c]);
-                }
+unsafe fn block<const R: usize>(
+    p: &Product,
+    a: *const f32,
+    (c0, ts): (usize, std::ops::Range<usize>),
+    out: *mut f32,
+) {
+    let masks = masks(p.cols - c0);
+    let panel = p.b.add(c0 / COLS * p.panel);
+    let mut acc = [[_mm512_setzero_ps(); VECS]; R];
+    if ts.start > 0 {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let at = out.wrapping_add(r * p.ldo + c0 + c * LANES);
+                *acc = _mm512_maskz_loadu_ps(masks[c], at);
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
+    }
+    for t in ts {
+        let row = panel.add(t * p.ldb);
+        // Masked-off lanes are neither read nor written (nor is their address used).
+        let b: [__m512; VECS] =
+            std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], row.wrapping_add(c * LANES)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let at = _mm512_set1_ps(*a.add(r * p.lda + t));
             for c in 0..VECS {
-                let at = out.wrapping_add(r * p.ldo + c0 + c * LANES);
-                _mm512_mask_storeu_ps(at, masks[c], acc[c]);
+                acc[c] = _mm512_fmadd_ps(at, b[c], acc[c]);
             }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for c in 0..VECS {
+            let at = out.wrapping_add(r * p.ldo + c0 + c * LANES);
+            _mm512_mask_storeu_ps(at, masks[c], acc[c]);
         }
     }
 }
