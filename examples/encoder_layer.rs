@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use mmserve::model::many_rows::{matmul_t, Weight};
 
 /// Runs `f` once to warm up, then 5 times; prints the mean time and the rate for `flop`.
 fn time(name: &str, flop: f64, mut f: impl FnMut() -> Result<Tensor>) -> Result<()> {
@@ -46,7 +47,7 @@ fn main() -> Result<()> {
     let linear_flop = |i: usize, o: usize| 2.0 * (s * i * o) as f64;
     let many = |l: &candle_nn::Linear, x: &Tensor| -> Result<Tensor> {
         let x = x.squeeze(0)?;
-        mmserve::model::many_rows::matmul_t(&x, l.weight(), l.bias(), s)?
+        matmul_t(&x, Weight::Rows(l.weight()), l.bias(), s)?
             .ok_or_else(|| candle_core::Error::Msg("many-rows path does not apply".into()))
     };
     for (name, l, input, i, o) in [
@@ -58,6 +59,16 @@ fn main() -> Result<()> {
         time("  the same, many-rows path", linear_flop(i, o), || {
             many(l, input)
         })?;
+        let wt = l.weight().t()?.contiguous()?;
+        time(
+            "  the same, weight stored transposed",
+            linear_flop(i, o),
+            || {
+                let x = input.squeeze(0)?;
+                matmul_t(&x, Weight::Columns(&wt), l.bias(), s)?
+                    .ok_or_else(|| candle_core::Error::Msg("many-rows path does not apply".into()))
+            },
+        )?;
     }
     // (1, heads, S, hd) each; heads taken 4 at a time as src/model/vision.rs does.
     let qkv = || Tensor::randn(0f32, 1.0, (1, heads, s, hd), &dev);

@@ -116,14 +116,31 @@ impl Module for Linear {
 /// A dense projection of the encoders (vision towers; CLIP and SigLIP text towers): whatever
 /// the number of rows, one kernel (the many-rows one on the CPU in f32, else candle's), so an
 /// input's output has the same bits alone or batched with others (the decoder's [`Linear`]
-/// picks its kernel by row count).
+/// picks its kernel by row count). On the CPU in f32 the weight is kept transposed, (in,
+/// out), the layout `gemm` packs fastest (`many_rows::Weight::Columns`).
 #[derive(Debug)]
-pub struct EncoderLinear(candle_nn::Linear);
+pub struct EncoderLinear {
+    /// (out, in), or (in, out) when `columns`.
+    weight: Tensor,
+    columns: bool,
+    bias: Option<Tensor>,
+}
 
 impl EncoderLinear {
     /// Loads `weight` (out, in) and `bias` (out,) under `vb`.
     pub fn load(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
-        candle_nn::linear(input, output, vb).map(Self)
+        let l = candle_nn::linear(input, output, vb)?;
+        let (weight, bias) = (l.weight(), l.bias().cloned());
+        let columns = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let weight = match columns {
+            true => weight.t()?.contiguous()?,
+            false => weight.clone(),
+        };
+        Ok(Self {
+            weight,
+            columns,
+            bias,
+        })
     }
 }
 
@@ -131,14 +148,22 @@ impl Module for EncoderLinear {
     /// (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let Some((&input, lead)) = xs.dims().split_last() else {
-            return self.0.forward(xs);
+            candle_core::bail!("encoder projection of a scalar")
         };
         let x = xs.reshape(((), input))?;
-        let group = sequence_len(lead);
-        match super::many_rows::matmul_t(&x, self.0.weight(), self.0.bias(), group)? {
-            Some(ys) => unflatten(ys, lead),
-            None => self.0.forward(xs),
+        let (w, bias) = (&self.weight, self.bias.as_ref());
+        let weight = match self.columns {
+            true => super::many_rows::Weight::Columns(w),
+            false => super::many_rows::Weight::Rows(w),
+        };
+        if let Some(ys) = super::many_rows::matmul_t(&x, weight, bias, sequence_len(lead))? {
+            return unflatten(ys, lead);
         }
+        let wt = match self.columns {
+            true => w.clone(),
+            false => w.t()?,
+        };
+        unflatten(add_bias(x.matmul(&wt)?, bias)?, lead)
     }
 }
 
@@ -153,7 +178,8 @@ fn dense_forward(l: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     if let Some(ys) = super::small_m::matmul_t(&x, l.weight())? {
         return unflatten(add_bias(ys, l.bias())?, lead);
     }
-    if let Some(ys) = super::many_rows::matmul_t(&x, l.weight(), l.bias(), sequence_len(lead))? {
+    let weight = super::many_rows::Weight::Rows(l.weight());
+    if let Some(ys) = super::many_rows::matmul_t(&x, weight, l.bias(), sequence_len(lead))? {
         return unflatten(ys, lead);
     }
     l.forward(xs)
