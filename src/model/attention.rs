@@ -142,9 +142,8 @@ pub(crate) fn causal_mask(
 
 #[derive(Debug)]
 pub struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q_proj, k_proj and v_proj stacked: (T, D) -> (T, (heads + 2 kv_heads) * head_dim).
+    qkv: Linear,
     o: Linear,
     heads: usize,
     kv_heads: usize,
@@ -158,9 +157,16 @@ impl SelfAttention {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q: Linear::load(d, heads * hd, cfg.qkv_bias, vb.pp("q_proj"))?,
-            k: Linear::load(d, kv_heads * hd, cfg.qkv_bias, vb.pp("k_proj"))?,
-            v: Linear::load(d, kv_heads * hd, cfg.qkv_bias, vb.pp("v_proj"))?,
+            qkv: Linear::load_stacked(
+                d,
+                &[
+                    (heads * hd, "q_proj"),
+                    (kv_heads * hd, "k_proj"),
+                    (kv_heads * hd, "v_proj"),
+                ],
+                cfg.qkv_bias,
+                vb.clone(),
+            )?,
             o: Linear::load(heads * hd, d, cfg.o_bias, vb.pp("o_proj"))?,
             heads,
             kv_heads,
@@ -184,9 +190,14 @@ impl SelfAttention {
         let rotate = |x: Tensor, heads: usize| {
             rope_thd(&x.reshape((1, t, heads, hd))?, cos, sin)?.squeeze(0)
         };
-        let q = rotate(self.q.forward(xs)?, self.heads)?;
-        let k = rotate(self.k.forward(xs)?, self.kv_heads)?;
-        let v = self.v.forward(xs)?.reshape((t, self.kv_heads, hd))?;
+        let (q_width, kv_width) = (self.heads * hd, self.kv_heads * hd);
+        // (T, q_width + 2 kv_width)
+        let qkv = self.qkv.forward(xs)?;
+        let q = rotate(qkv.narrow(1, 0, q_width)?, self.heads)?;
+        let k = rotate(qkv.narrow(1, q_width, kv_width)?, self.kv_heads)?;
+        let v = qkv
+            .narrow(1, q_width + kv_width, kv_width)?
+            .reshape((t, self.kv_heads, hd))?;
         let rows = |x: &Tensor, s: &Span| x.narrow(0, s.offset, s.len);
         for s in spans {
             cache.write(s.seq_id, layer, s.start_pos, &rows(&k, s)?, &rows(&v, s)?)?;
@@ -266,7 +277,7 @@ impl SelfAttention {
 
     /// Quantizes the q/k/v/o projections in place.
     pub fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
-        for l in [&mut self.q, &mut self.k, &mut self.v, &mut self.o] {
+        for l in [&mut self.qkv, &mut self.o] {
             l.quantize(dtype, report)?;
         }
         Ok(())

@@ -16,31 +16,37 @@ use super::text_config::TextConfig;
 
 #[derive(Debug)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate_proj and up_proj stacked: (T, D) -> (T, 2I), gate first.
+    gate_up: Linear,
     down: Linear,
     act: Activation,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (d, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let parts = [(i, "gate_proj"), (i, "up_proj")];
         Ok(Self {
-            gate: Linear::load(d, i, b, vb.pp("gate_proj"))?,
-            up: Linear::load(d, i, b, vb.pp("up_proj"))?,
+            gate_up: Linear::load_stacked(d, &parts, b, vb.clone())?,
             down: Linear::load(i, d, b, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
+            intermediate: i,
         })
     }
 
     /// (T, D) -> (T, D)
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = (self.act.apply(&self.gate.forward(xs)?)? * self.up.forward(xs)?)?;
+        let i = self.intermediate;
+        // (T, 2I)
+        let gate_up = self.gate_up.forward(xs)?;
+        let gate = gate_up.narrow(1, 0, i)?;
+        let h = (self.act.apply(&gate)? * gate_up.narrow(1, i, i)?)?;
         self.down.forward(&h)
     }
 
     fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
-        for l in [&mut self.gate, &mut self.up, &mut self.down] {
+        for l in [&mut self.gate_up, &mut self.down] {
             l.quantize(dtype, report)?;
         }
         Ok(())

@@ -50,6 +50,31 @@ impl Linear {
         candle_nn::linear_b(input, output, bias, vb).map(Self::Dense)
     }
 
+    /// Several projections of the same input as one: the weights `names` (out_i, in) under
+    /// `vb` (with their biases when `bias`) stacked into (sum out_i, in), so a step runs one
+    /// product instead of several (one hand-off to the thread pool and one read of the input
+    /// each, where a decoding step has 30 layers of them). Every output is its own weight
+    /// row's dot product in every kernel here, so the outputs do not change.
+    pub fn load_stacked(
+        input: usize,
+        parts: &[(usize, &str)],
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for &(output, name) in parts {
+            let l = candle_nn::linear_b(input, output, bias, vb.pp(name))?;
+            weights.push(l.weight().clone());
+            biases.extend(l.bias().cloned());
+        }
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = (bias && !biases.is_empty())
+            .then(|| Tensor::cat(&biases, 0))
+            .transpose()?;
+        Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
+    }
+
     /// Wraps a weight (out, in) held elsewhere (e.g. a head tied to the embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
         Self::Dense(candle_nn::Linear::new(weight, None))
