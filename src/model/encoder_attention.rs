@@ -5,13 +5,13 @@
 //! to memory three times (the product, the softmax, the second product's input) and its first
 //! product, with an inner dimension of only 64, ran at half the rate of the encoder's other
 //! matmuls (`examples/encoder_layer.rs`): about 40% of an encoder layer's time for 18% of its
-//! arithmetic. Here each work item is 16 queries of one head: their scores against every key
-//! (a register-blocked product over the keys transposed, 4 queries x 64 keys at a time), the
-//! softmax of each row, then the weighted sum of the value rows (4 queries x 64 value
-//! dimensions at a time), written straight into the (N, S, heads x head_dim) output. Every
-//! score is summed in head-dimension order and every output in key order, wherever the item
-//! falls, so the result does not depend on the threads. AVX-512 only; elsewhere, or with a
-//! mask, the caller keeps candle's path.
+//! arithmetic. Here each work item is 24 queries of one head: their scores against every key
+//! (a register-blocked product over the keys, transposed once per call into panels of 64
+//! keys, 6 queries x 64 keys at a time), the softmax of each row, then the weighted sum of the
+//! value rows (6 queries x 64 value dimensions at a time), written straight into the (N, S,
+//! heads x head_dim) output. Every score is summed in head-dimension order and every output
+//! in key order, wherever the item falls, so the result does not depend on the threads.
+//! AVX-512 only; elsewhere, or with a mask, the caller keeps candle's path.
 
 use std::cell::RefCell;
 
