@@ -101,13 +101,7 @@ impl CustomOp2 for ManyRows {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        product(
-            operand(xs, xl)?,
-            xl,
-            (operand(ws, wl)?, self.columns),
-            None,
-            self.group,
-        )
+        self.run((xs, xl), (ws, wl), None)
     }
 }
 
@@ -125,14 +119,20 @@ impl CustomOp3 for ManyRows {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let bias = Some(operand(bs, bl)?);
-        product(
-            operand(xs, xl)?,
-            xl,
-            (operand(ws, wl)?, self.columns),
-            bias,
-            self.group,
-        )
+        self.run((xs, xl), (ws, wl), Some(operand(bs, bl)?))
+    }
+}
+
+impl ManyRows {
+    /// The product of the input and weight storages, plus `bias`.
+    fn run(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = (operand(ws, wl)?, self.columns);
+        product(operand(xs, xl)?, xl, w, bias, self.group)
     }
 }
 
