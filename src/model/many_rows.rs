@@ -188,26 +188,12 @@ fn product(
         // item's alone and lie in it; x holds (m, k) and w n x k values, read as above;
         // `out` outlives `for_each_index`.
         unsafe {
-            gemm::gemm(
-                group,
-                end - first,
-                k,
-                dst.ptr().add(row * n + first),
-                1,
-                n as isize,
+            gemm_once(
+                (group, end - first, k),
+                (dst.ptr().add(row * n + first), 1, n as isize),
                 bias.is_some(),
-                x.as_ptr().add(row * k),
-                1,
-                k as isize,
-                rhs,
-                rhs_cs,
-                rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (x.as_ptr().add(row * k), 1, k as isize),
+                (rhs, rhs_cs, rhs_rs),
             )
         };
     });
@@ -236,26 +222,12 @@ unsafe fn transposed(
 ) {
     // (cols, rows), column-major: element (i, j) at j * rows + i.
     let mut t = vec![0f32; rows * cols];
-    gemm::gemm(
-        rows,
-        cols,
-        k,
-        t.as_mut_ptr(),
-        rows as isize,
-        1,
+    gemm_once(
+        (rows, cols, k),
+        (t.as_mut_ptr(), rows as isize, 1),
         false,
-        x,
-        1,
-        k as isize,
-        w,
-        k as isize,
-        1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
+        (x, 1, k as isize),
+        (w, k as isize, 1),
     );
     for i in 0..rows {
         let o = out.add(i * ldo);
@@ -265,6 +237,40 @@ unsafe fn transposed(
     }
 }
 
+/// `dst` (m, n) = `lhs` (m, k) · `rhs` (k, n), plus what `dst` holds when `read_dst`: one
+/// single-threaded `gemm` call, each operand a pointer with its column and row strides.
+///
+/// SAFETY: the operands hold what their sizes and strides reach; `dst` is the caller's.
+unsafe fn gemm_once(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs): (*mut f32, isize, isize),
+    read_dst: bool,
+    (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -272,8 +278,9 @@ mod tests {
     use super::*;
 
     /// Against candle's matmul plus bias, with column counts that split unevenly and a k off the
-    /// SIMD width, products of fewer and of more rows than [`TRANSPOSED_BELOW`]. Both sum the same f32 products over k in possibly other blockings: rounding
-    /// of order sqrt(k) ulps of sums of magnitude ~sqrt(k), far below 1e-4 for k <= 300.
+    /// SIMD width, products of fewer and of more rows than [`TRANSPOSED_BELOW`]. Both sum the
+    /// same f32 products over k in possibly other blockings: rounding of order sqrt(k) ulps of
+    /// sums of magnitude ~sqrt(k), far below 1e-4 for k <= 300.
     #[test]
     fn matches_candle_matmul_and_bias() -> Result<()> {
         let dev = Device::Cpu;
