@@ -53,8 +53,9 @@ impl Linear {
     /// Several projections of the same input as one: the weights `names` (out_i, in) under
     /// `vb` (with their biases when `bias`) stacked into (sum out_i, in), so a step runs one
     /// product instead of several (one hand-off to the thread pool and one read of the input
-    /// each, where a decoding step has 30 layers of them). Every output is its own weight
-    /// row's dot product in every kernel here, so the outputs do not change.
+    /// each, where a decoding step has 30 layers of them). In the decode kernels (small-m,
+    /// q8) every output is its own weight row's dot product, so their outputs keep their bits;
+    /// `gemm` (prefill) may block the sums differently for the wider product.
     pub fn load_stacked(
         input: usize,
         parts: &[(usize, &str)],
