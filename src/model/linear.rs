@@ -70,7 +70,8 @@ impl Linear {
             biases.extend(l.bias().cloned());
         }
         let weight = Tensor::cat(&weights, 0)?;
-        let bias = (bias && !biases.is_empty())
+        // Every part has a bias when `bias`, none otherwise.
+        let bias = (!biases.is_empty())
             .then(|| Tensor::cat(&biases, 0))
             .transpose()?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
