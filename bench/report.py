@@ -65,8 +65,10 @@ def main():
              f"load average before {meta['load_before']}, after {meta['load_after']}.", ""]
     mat = {(r["m"], r["k"], r["n"], r["dtype"]): r for r in probe["matmul"]}
     enc_rate = mat[(1024, 768, 3072, "f32")]["gflops"]
+    pages = (f" (4 KiB pages {probe['read_4k_gbs']:.1f}, 2 MiB pages {probe['read_huge_gbs']:.1f}: "
+             "the faster is the ceiling)") if "read_huge_gbs" in probe else ""
     lines += ["**Probe** (candle, same session): read "
-              f"{probe['read_gbs']:.1f} GB/s, copy {probe['copy_gbs']:.1f} GB/s (read + write).", "",
+              f"{probe['read_gbs']:.1f} GB/s{pages}, copy {probe['copy_gbs']:.1f} GB/s (read + write).", "",
               "| Linear shape (m×k @ (n×k)ᵀ) | f32 ms | f32 GFLOP/s | f16 ms | f16 GFLOP/s "
               "| mmserve small-m f32 ms | GB/s of weights |", "|---|---|---|---|---|---|---|"]
     for r in probe["matmul"]:

@@ -3,10 +3,13 @@
 //! its own (about 500 MB, so they stream from memory as in a real step), for 1, 4 and 16 rows.
 //!
 //!   RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=2 cargo run --release --example decode_step
+//!
+//! `HUGE=1` times the weights in 2 MiB pages (mmserve's layout), `CACHED=1` in cache.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use mmserve::model::huge_pages::HugeArena;
 use mmserve::model::small_m;
 
 /// (n, k) of one decoder layer's projections: q, k, v, o, gate, up, down.
@@ -37,6 +40,14 @@ fn main() -> candle_core::Result<()> {
     }
     if !cached {
         weights.push(Tensor::randn(0f32, 0.02, (49280, 576), &dev)?);
+    }
+    // With HUGE=1 the weights are copied into 2 MiB pages, as mmserve keeps them.
+    if std::env::var("HUGE").is_ok_and(|v| v == "1") {
+        let mut arena = HugeArena::default();
+        weights = weights
+            .iter()
+            .map(|w| arena.put(w))
+            .collect::<Result<_, _>>()?;
     }
     let bytes: usize = weights.iter().map(|w| w.elem_count() * 4).sum();
     for m in [1usize, 2, 4, 8, 16] {

@@ -8,6 +8,7 @@ use candle_nn::rotary_emb::rope_thd;
 use candle_nn::VarBuilder;
 
 use super::decode_attention::{self, Query};
+use super::huge_pages::HugeArena;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, QuantReport};
 use super::text_config::TextConfig;
@@ -281,10 +282,21 @@ impl SelfAttention {
             .reshape((t, self.heads * hd))
     }
 
+    /// Moves the q/k/v and o weights into `arena`, in the order a step reads them.
+    pub fn pack(&mut self, arena: &mut HugeArena) -> Result<()> {
+        self.qkv.pack(arena)?;
+        self.o.pack(arena)
+    }
+
     /// Quantizes the q/k/v/o projections in place.
-    pub fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+    pub fn quantize(
+        &mut self,
+        dtype: GgmlDType,
+        report: &mut QuantReport,
+        arena: &mut HugeArena,
+    ) -> Result<()> {
         for l in [&mut self.qkv, &mut self.o] {
-            l.quantize(dtype, report)?;
+            l.quantize(dtype, report, arena)?;
         }
         Ok(())
     }

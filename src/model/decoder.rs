@@ -8,6 +8,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use super::activation::Activation;
 use super::attention::{SelfAttention, Span};
+use super::huge_pages::HugeArena;
 use super::kv_cache::{KvCache, KvCacheConfig, KvShape};
 use super::linear::{Linear, QuantReport};
 use super::norm::RmsNorm;
@@ -45,9 +46,14 @@ impl Mlp {
         self.down.forward(&h)
     }
 
-    fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+    fn quantize(
+        &mut self,
+        dtype: GgmlDType,
+        report: &mut QuantReport,
+        arena: &mut HugeArena,
+    ) -> Result<()> {
         for l in [&mut self.gate_up, &mut self.down] {
-            l.quantize(dtype, report)?;
+            l.quantize(dtype, report, arena)?;
         }
         Ok(())
     }
@@ -71,6 +77,13 @@ impl DecoderLayer {
             mlp: Mlp::load(cfg, vb.pp("mlp"))?,
         })
     }
+
+    /// Moves the layer's projection weights into `arena`, in the order a step reads them.
+    fn pack(&mut self, arena: &mut HugeArena) -> Result<()> {
+        self.attn.pack(arena)?;
+        self.mlp.gate_up.pack(arena)?;
+        self.mlp.down.pack(arena)
+    }
 }
 
 /// Decoder body plus output head.
@@ -88,14 +101,24 @@ impl TextModel {
     /// when the head is tied to the embeddings.
     pub fn load(cfg: &TextConfig, body: VarBuilder, lm_head: Option<VarBuilder>) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_weight = body.get((v, d), "embed_tokens.weight")?;
-        let head_weight = match lm_head {
-            Some(vb) => vb.get((v, d), "weight")?,
-            None => embed_weight.clone(),
-        };
+        // Each layer's weights move into the arena as it loads (one layer's copy at a time).
+        let mut arena = HugeArena::default();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(cfg, i, body.pp(format!("layers.{i}"))))
+            .map(|i| {
+                let mut layer = DecoderLayer::load(cfg, i, body.pp(format!("layers.{i}")))?;
+                layer.pack(&mut arena)?;
+                Ok(layer)
+            })
             .collect::<Result<_>>()?;
+        let embed_weight = body.get((v, d), "embed_tokens.weight")?;
+        // The head is read whole every step; the embeddings a row a token.
+        let (embed_weight, head_weight) = match lm_head {
+            Some(vb) => (embed_weight, arena.put(&vb.get((v, d), "weight")?)?),
+            None => {
+                let tied = arena.put(&embed_weight)?;
+                (tied.clone(), tied)
+            }
+        };
         Ok(Self {
             embed: Embedding::new(embed_weight, d),
             layers,
@@ -110,13 +133,13 @@ impl TextModel {
     /// head's; the K-quants' coarser rounding would land on the logits unscaled, so they leave
     /// it). The embeddings and norms stay as loaded.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<QuantReport> {
-        let mut report = QuantReport::default();
+        let (mut report, mut arena) = (QuantReport::default(), HugeArena::default());
         for layer in &mut self.layers {
-            layer.attn.quantize(dtype, &mut report)?;
-            layer.mlp.quantize(dtype, &mut report)?;
+            layer.attn.quantize(dtype, &mut report, &mut arena)?;
+            layer.mlp.quantize(dtype, &mut report, &mut arena)?;
         }
         if dtype == GgmlDType::Q8_0 {
-            self.lm_head.quantize(dtype, &mut report)?;
+            self.lm_head.quantize(dtype, &mut report, &mut arena)?;
         }
         Ok(report)
     }

@@ -13,6 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::huge_pages::HugeArena;
 use super::q8::Q8Matrix;
 
 /// A projection `x @ W^T + b`, W (out, in).
@@ -82,9 +83,24 @@ impl Linear {
         Self::Dense(candle_nn::Linear::new(weight, None))
     }
 
+    /// Moves a dense weight into `arena` (huge pages, read faster when decoding streams it);
+    /// a quantized one stays where it is.
+    pub fn pack(&mut self, arena: &mut HugeArena) -> Result<()> {
+        if let Self::Dense(l) = self {
+            *l = candle_nn::Linear::new(arena.put(l.weight())?, l.bias().cloned());
+        }
+        Ok(())
+    }
+
     /// Quantizes a dense projection to `dtype` in place (and repacks it for the CPU kernels),
     /// or leaves it dense when its input dimension does not fit the blocks; counts either.
-    pub fn quantize(&mut self, dtype: GgmlDType, report: &mut QuantReport) -> Result<()> {
+    /// Q8_0 weights on the CPUs of this crate's kernel go into `arena`.
+    pub fn quantize(
+        &mut self,
+        dtype: GgmlDType,
+        report: &mut QuantReport,
+        arena: &mut HugeArena,
+    ) -> Result<()> {
         let Self::Dense(dense) = self else {
             return Ok(());
         };
@@ -99,7 +115,7 @@ impl Linear {
         }
         let bias = dense.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
         if dtype == GgmlDType::Q8_0 && weight.device().is_cpu() && Q8Matrix::supported() {
-            let weight = Q8Matrix::quantize(weight)?;
+            let weight = Q8Matrix::quantize(weight, arena)?;
             report.bytes_after += weight.bytes();
             report.quantized += 1;
             *self = Self::Q8 { weight, bias };
@@ -271,7 +287,7 @@ mod tests {
         ] {
             let mut q = Linear::Dense(candle_nn::Linear::new(w.clone(), Some(b.clone())));
             let mut report = QuantReport::default();
-            q.quantize(dtype, &mut report)?;
+            q.quantize(dtype, &mut report, &mut HugeArena::default())?;
             assert!(is_quantized(&q), "{dtype:?}");
             assert_eq!(report.quantized, 1);
             assert!(report.bytes_after * 3 < report.bytes_before, "{report:?}");
@@ -296,13 +312,13 @@ mod tests {
     #[test]
     fn inputs_off_the_block_size_stay_dense() -> Result<()> {
         let w = Tensor::randn(0f32, 1.0, (8, 96), &Device::Cpu)?;
-        let mut report = QuantReport::default();
+        let (mut report, mut arena) = (QuantReport::default(), HugeArena::default());
         let mut l = Linear::from_weight(w.clone());
-        l.quantize(GgmlDType::Q4K, &mut report)?; // 96 is not a multiple of 256
+        l.quantize(GgmlDType::Q4K, &mut report, &mut arena)?; // 96 is not a multiple of 256
         assert!(matches!(l, Linear::Dense(_)));
-        l.quantize(GgmlDType::Q8_0, &mut report)?; // but it is of 32
+        l.quantize(GgmlDType::Q8_0, &mut report, &mut arena)?; // but it is of 32
         assert!(is_quantized(&l));
-        l.quantize(GgmlDType::Q8_0, &mut report)?; // already quantized: left alone
+        l.quantize(GgmlDType::Q8_0, &mut report, &mut arena)?; // already quantized: left alone
         assert_eq!((report.quantized, report.kept_dense), (1, 1), "{report:?}");
         Ok(())
     }

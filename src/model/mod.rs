@@ -26,6 +26,7 @@ pub mod encoder_attention;
 mod error;
 mod family;
 mod fast_exp;
+pub mod huge_pages;
 pub mod idefics3;
 mod image_key;
 mod json;

@@ -20,6 +20,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 
+use super::huge_pages::HugeArena;
+
 /// Inputs per block (one scale each).
 pub const BLOCK: usize = 32;
 /// Weight rows per panel: one 32-bit lane of a 512-bit register each.
@@ -32,12 +34,17 @@ const GROUPS: usize = BLOCK / 4;
 #[derive(Clone, Copy)]
 struct Line([u8; 64]);
 
+// SAFETY: 64 bytes, aligned to 64, no padding; every bit pattern is a valid `[u8; 64]`.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for Line {}
+
 /// A weight matrix W (n, k) in Q8_0, in panels (see the module header).
 pub struct Q8Matrix {
     n: usize,
     k: usize,
-    /// (panels, k / BLOCK, GROUPS) lines.
-    lines: Vec<Line>,
+    /// (panels, k / BLOCK, GROUPS) lines, as (64 x lines,) bytes in huge pages (`huge_pages`).
+    lines: Tensor,
     /// (panels, k / BLOCK, PANEL): each block's scale per row; 0 for padding rows.
     scales: Vec<f16>,
 }
@@ -61,8 +68,8 @@ impl Q8Matrix {
         false
     }
 
-    /// Rounds `w` (n, k), k a multiple of [`BLOCK`], to Q8_0.
-    pub fn quantize(w: &Tensor) -> Result<Self> {
+    /// Rounds `w` (n, k), k a multiple of [`BLOCK`], to Q8_0, its lines kept in `arena`.
+    pub fn quantize(w: &Tensor, arena: &mut HugeArena) -> Result<Self> {
         let (n, k) = w.dims2()?;
         if !k.is_multiple_of(BLOCK) {
             candle_core::bail!("q8_0: input dimension {k} is not a multiple of {BLOCK}");
@@ -87,17 +94,19 @@ impl Q8Matrix {
                 }
             }
         }
+        let bytes: &[u8] = bytemuck::cast_slice(&lines);
+        let bytes = Tensor::from_slice(bytes, bytes.len(), w.device())?;
         Ok(Self {
             n,
             k,
-            lines,
+            lines: arena.put(&bytes)?,
             scales,
         })
     }
 
     /// Bytes held (padding rows included).
     pub fn bytes(&self) -> usize {
-        self.lines.len() * 64 + self.scales.len() * 2
+        self.lines.elem_count() + self.scales.len() * 2
     }
 
     /// `x` (m, k) f32 on the CPU -> `x @ W^T` (m, n) f32. Needs [`Self::supported`].
@@ -105,10 +114,22 @@ impl Q8Matrix {
         x.contiguous()?.apply_op1_no_bwd(&Product(self))
     }
 
-    /// The lines and scales of panel `p`.
-    fn panel(&self, p: usize) -> (&[Line], &[f16]) {
+    /// Calls `f` with every line: the bytes' storage stays locked for reading meanwhile.
+    fn with_lines<R>(&self, f: impl FnOnce(&[Line]) -> Result<R>) -> Result<R> {
+        let (storage, layout) = self.lines.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("q8_0 weights off the CPU")
+        };
+        // The arena starts every tensor on a 64-byte line.
+        let lines = bytemuck::try_cast_slice(super::par::operand::<u8>(cpu, layout)?)
+            .map_err(|e| candle_core::Error::Msg(format!("q8_0 weights: {e}")))?;
+        f(lines)
+    }
+
+    /// The lines (of `all`, this matrix's) and scales of panel `p`.
+    fn panel<'a>(&'a self, all: &'a [Line], p: usize) -> (&'a [Line], &'a [f16]) {
         let blocks = self.k / BLOCK;
-        let lines = &self.lines[p * blocks * GROUPS..(p + 1) * blocks * GROUPS];
+        let lines = &all[p * blocks * GROUPS..(p + 1) * blocks * GROUPS];
         let scales = &self.scales[p * blocks * PANEL..(p + 1) * blocks * PANEL];
         (lines, scales)
     }
@@ -172,27 +193,30 @@ impl CustomOp1 for Product<'_> {
         let rows = Rows::new(super::par::operand::<f32>(xs, xl)?);
         let mut out = vec![0f32; m * w.n];
         let shared = super::par::Disjoint::new(&mut out);
-        super::par::for_each_index(w.n.div_ceil(PANEL), |p| {
-            let (lines, scales) = w.panel(p);
-            let valid = PANEL.min(w.n - p * PANEL);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU's features were checked above; columns p*PANEL..+valid of every
-            // output row are this call's alone, and `out` outlives `for_each_index`.
-            unsafe {
-                vnni::panel(
-                    lines,
-                    scales,
-                    &rows,
-                    m,
-                    k,
-                    shared.ptr().add(p * PANEL),
-                    w.n,
-                    valid,
-                )
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (lines, scales, valid, &rows);
-        });
+        w.with_lines(|all| {
+            super::par::for_each_index(w.n.div_ceil(PANEL), |p| {
+                let (lines, scales) = w.panel(all, p);
+                let valid = PANEL.min(w.n - p * PANEL);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU's features were checked above; columns p*PANEL..+valid of every
+                // output row are this call's alone, and `out` outlives `for_each_index`.
+                unsafe {
+                    vnni::panel(
+                        lines,
+                        scales,
+                        &rows,
+                        m,
+                        k,
+                        shared.ptr().add(p * PANEL),
+                        w.n,
+                        valid,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (lines, scales, valid, &rows);
+            });
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }
 }

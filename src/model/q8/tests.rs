@@ -11,6 +11,10 @@ const ROW_COUNTS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 37];
 /// (n, k) shapes: a panel cut short, one block, several panels.
 const SHAPES: [(usize, usize); 4] = [(37, 64), (16, 32), (5, 96), (70, 160)];
 
+fn arena() -> HugeArena {
+    HugeArena::default()
+}
+
 /// The product as the kernel defines it, one output at a time: the exact integer sum of each
 /// block, scaled by (weight scale x input scale) and added in f32 in block order.
 fn reference(w: &Q8Matrix, x: &[f32], m: usize) -> Vec<f32> {
@@ -20,7 +24,12 @@ fn reference(w: &Q8Matrix, x: &[f32], m: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     for i in 0..m {
         for r in 0..n {
-            let (lines, scales) = w.panel(r / PANEL);
+            let (lines, scales) = w
+                .with_lines(|all| {
+                    let (lines, scales) = w.panel(all, r / PANEL);
+                    Ok((lines.to_vec(), scales.to_vec()))
+                })
+                .expect("the lines are on the CPU");
             let lane = r % PANEL;
             let mut acc = 0f32;
             for b in 0..blocks {
@@ -48,7 +57,7 @@ fn matches_the_scalar_reference_bit_for_bit() -> Result<()> {
     }
     let dev = Device::Cpu;
     for (n, k) in SHAPES {
-        let w = Q8Matrix::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?)?;
+        let w = Q8Matrix::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?, &mut arena())?;
         for m in ROW_COUNTS {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let got = w.forward(&x)?;
@@ -83,7 +92,7 @@ fn matches_candles_q8_0_product() -> Result<()> {
     let dev = Device::Cpu;
     for (n, k) in SHAPES {
         let dense = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let ours = Q8Matrix::quantize(&dense)?;
+        let ours = Q8Matrix::quantize(&dense, &mut arena())?;
         let candle = QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?;
         for m in ROW_COUNTS {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
@@ -102,17 +111,14 @@ fn matches_candles_q8_0_product() -> Result<()> {
 #[test]
 fn declines_an_input_dimension_off_the_blocks() -> Result<()> {
     let w = Tensor::zeros((4, 48), candle_core::DType::F32, &Device::Cpu)?;
-    assert!(Q8Matrix::quantize(&w).is_err());
+    assert!(Q8Matrix::quantize(&w, &mut arena()).is_err());
     Ok(())
 }
 
 #[test]
 fn bytes_count_the_padded_panel() -> Result<()> {
-    let w = Q8Matrix::quantize(&Tensor::zeros(
-        (17, 64),
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?)?;
+    let zeros = Tensor::zeros((17, 64), candle_core::DType::F32, &Device::Cpu)?;
+    let w = Q8Matrix::quantize(&zeros, &mut arena())?;
     // 2 panels x 2 blocks x (8 lines of 64 bytes + 16 f16 scales).
     assert_eq!(w.bytes(), 2 * 2 * (8 * 64 + 16 * 2));
     Ok(())
