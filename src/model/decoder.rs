@@ -21,7 +21,6 @@ struct Mlp {
     gate_up: Linear,
     down: Linear,
     act: Activation,
-    intermediate: usize,
 }
 
 impl Mlp {
@@ -32,17 +31,13 @@ impl Mlp {
             gate_up: Linear::load_stacked(d, &parts, b, vb.clone())?,
             down: Linear::load(i, d, b, vb.pp("down_proj"))?,
             act: cfg.hidden_act,
-            intermediate: i,
         })
     }
 
     /// (T, D) -> (T, D)
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let i = self.intermediate;
-        // (T, 2I)
-        let gate_up = self.gate_up.forward(xs)?;
-        let gate = gate_up.narrow(1, 0, i)?;
-        let h = (self.act.apply(&gate)? * gate_up.narrow(1, i, i)?)?;
+        // (T, 2I) -> (T, I)
+        let h = super::activation::gated(self.act, &self.gate_up.forward(xs)?)?;
         self.down.forward(&h)
     }
 
