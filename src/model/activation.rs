@@ -60,15 +60,14 @@ impl Activation {
 /// step: two narrows, the activation and the product were four candle ops a layer), with the
 /// bits of the separate ops: the same activation, then one f32 product.
 pub fn gated(act: Activation, gate_up: &Tensor) -> Result<Tensor> {
-    let (t, width) = gate_up.dims2()?;
-    let i = width / 2;
+    let i = gate_up.dim(1)? / 2;
     if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
         if let Some(form) = SigmoidForm::of(act) {
             return gate_up.contiguous()?.apply_op1_no_bwd(&Gated(form));
         }
     }
     let gate = gate_up.narrow(1, 0, i)?;
-    act.apply(&gate)? * gate_up.narrow(1, i, i)?.reshape((t, i))?
+    act.apply(&gate)? * gate_up.narrow(1, i, i)?
 }
 
 /// [`gated`]'s CPU op.
