@@ -3,7 +3,8 @@
 //! calls instead of sleeping and waking as rayon's do), and reading the CPU custom ops'
 //! operands.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 
@@ -38,40 +39,84 @@ thread_local! {
 
 /// Calls `f(i)` for every `i` in `0..n`, the indices shared out across the pool's threads.
 ///
-/// Each thread takes a share of what is left at a time, a smaller one as the end nears
-/// (guided scheduling; at least one index). Candle's own split takes a sixteenth each time,
-/// so at the end of a decoding step's product one thread could wait for the other's last
-/// sixteenth (the engine thread waited 7% of a batch-1 step in `BarrierGuard::drop`).
+/// Thread `t` owns the `t`-th contiguous share of `0..n` and takes it from the front a piece
+/// at a time, so each thread reads its part of a weight matrix as one stream (a long stream
+/// is what lets the small-m kernel's prefetches run ahead: `small_m`). A thread whose share is
+/// done takes half of what is left of another's, from the back, until nothing is left, so at
+/// the end of a decoding step's product neither thread waits long for the other (with
+/// candle's own split of sixteenths the engine thread waited 7% of a batch-1 step in
+/// `BarrierGuard::drop`).
 pub fn for_each_index(n: usize, f: impl Fn(usize) + Sync) {
     let pool = candle_core::utils::barrier_pool();
     if n <= 1 || pool.n_workers() == 0 || IN_POOL.get() {
         (0..n).for_each(f);
         return;
     }
-    let threads = pool.n_workers() + 1;
-    let next = AtomicUsize::new(0);
-    pool.execute(|_| {
-        let was = IN_POOL.replace(true);
-        while let Some(items) = grab(&next, n, threads) {
-            items.for_each(&f);
-        }
-        IN_POOL.set(was);
-    });
+    // Shares pack their bounds in 32 bits each.
+    let most = u32::MAX as usize;
+    for base in (0..n).step_by(most) {
+        let shares = Shares::new(most.min(n - base), pool.n_workers() + 1);
+        pool.execute(|thread| {
+            let was = IN_POOL.replace(true);
+            while let Some(items) = shares.grab(thread) {
+                items.for_each(|i| f(base + i));
+            }
+            IN_POOL.set(was);
+        });
+    }
 }
 
-/// The next indices for one thread out of `0..n`, `next` being the first not taken: half of
-/// an even share of what is left, at least one; `None` once all are taken.
-fn grab(next: &AtomicUsize, n: usize, threads: usize) -> Option<std::ops::Range<usize>> {
-    let mut start = next.load(Ordering::Relaxed);
+/// Each thread's share of `0..n` as `(next, end)` packed in one word, so that the owner
+/// (taking from the front) and another thread (taking from the back) move it atomically.
+struct Shares(Vec<AtomicU64>);
+
+impl Shares {
+    fn new(n: usize, threads: usize) -> Self {
+        let bound = |t: usize| n * t / threads;
+        Self(
+            (0..threads)
+                .map(|t| AtomicU64::new(pack(bound(t), bound(t + 1))))
+                .collect(),
+        )
+    }
+
+    /// The next indices for `thread`: a quarter of what is left of its own share (at least
+    /// one), or else half of what is left of another's, from its back; `None` once all are
+    /// taken.
+    fn grab(&self, thread: usize) -> Option<Range<usize>> {
+        let count = self.0.len();
+        let own = thread % count;
+        take(&self.0[own], true)
+            .or_else(|| (1..count).find_map(|d| take(&self.0[(own + d) % count], false)))
+    }
+}
+
+fn pack(next: usize, end: usize) -> u64 {
+    ((next as u64) << 32) | end as u64
+}
+
+fn unpack(v: u64) -> (usize, usize) {
+    ((v >> 32) as usize, (v & u64::from(u32::MAX)) as usize)
+}
+
+/// Takes indices from the front of `share` (its owner) or from its back (another thread).
+fn take(share: &AtomicU64, front: bool) -> Option<Range<usize>> {
+    let mut current = share.load(Ordering::Relaxed);
     loop {
-        if start >= n {
+        let (next, end) = unpack(current);
+        if next >= end {
             return None;
         }
-        let take = ((n - start) / (2 * threads)).max(1);
-        match next.compare_exchange_weak(start, start + take, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => return Some(start..start + take),
-            Err(now) => start = now,
+        let (items, left) = if front {
+            let take = ((end - next) / 4).max(1);
+            (next..next + take, pack(next + take, end))
+        } else {
+            let take = ((end - next) / 2).max(1);
+            (end - take..end, pack(next, end - take))
+        };
+        match share.compare_exchange_weak(current, left, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(items),
+            Err(now) => current = now,
         }
     }
 }
@@ -103,6 +148,8 @@ impl Disjoint {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     /// Every index once, from both threads, and a nested call (run inline) too.
@@ -127,16 +174,53 @@ mod tests {
         }
     }
 
+    /// The owner's pieces run front to back, one after the other, shrinking to single
+    /// items; another thread takes halves of what is left from the back.
     #[test]
-    fn shares_shrink_to_single_items() {
-        let (next, mut sizes) = (AtomicUsize::new(0), Vec::new());
-        while let Some(r) = grab(&next, 100, 2) {
-            sizes.push(r.len());
+    fn owners_read_in_order_and_others_take_from_the_back() {
+        let shares = Shares::new(100, 2);
+        let (mut own, mut next) = (Vec::new(), 0);
+        while let Some(r) = take(&shares.0[0], true) {
+            assert_eq!(r.start, next, "contiguous");
+            next = r.end;
+            own.push(r.len());
         }
-        assert_eq!(sizes.iter().sum::<usize>(), 100);
-        assert_eq!(sizes[0], 25);
-        assert_eq!(sizes.last(), Some(&1));
-        assert!(sizes.windows(2).all(|w| w[0] >= w[1]));
+        assert_eq!((next, own[0], own.last()), (50, 12, Some(&1)));
+        let stolen = shares.grab(0);
+        assert_eq!(
+            stolen,
+            Some(75..100),
+            "half of thread 1's share, from its back"
+        );
+        assert_eq!(
+            shares.grab(1),
+            Some(50..56),
+            "its owner goes on from the front"
+        );
+        let mut rest: Vec<usize> = std::iter::from_fn(|| shares.grab(1)).flatten().collect();
+        rest.extend(std::iter::from_fn(|| shares.grab(0)).flatten());
+        rest.sort_unstable();
+        assert_eq!(rest, (56..75).collect::<Vec<_>>());
+    }
+
+    /// Shares of uneven sizes, more threads than indices: each index in exactly one share.
+    #[test]
+    fn shares_cover_every_index_once() {
+        for (n, threads) in [(1, 3), (7, 2), (101, 3), (5, 8)] {
+            let shares = Shares::new(n, threads);
+            let mut all = Vec::new();
+            for t in 0..threads {
+                while let Some(r) = shares.grab(t) {
+                    all.extend(r);
+                }
+            }
+            all.sort_unstable();
+            assert_eq!(
+                all,
+                (0..n).collect::<Vec<_>>(),
+                "n = {n}, threads = {threads}"
+            );
+        }
     }
 
     #[test]
