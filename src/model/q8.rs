@@ -143,9 +143,23 @@ fn round_block(xs: &[f32]) -> (f16, [i8; BLOCK]) {
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; BLOCK];
     for (q, x) in q.iter_mut().zip(xs) {
-        *q = (x * inv).round() as i8;
+        *q = round_to_i8(x * inv);
     }
     (f16::from_f32(d), q)
+}
+
+/// `v.round() as i8` (half away from zero, saturating, NaN to 0) without `roundf`: on a
+/// plain x86-64 target `f32::round` is a call into libm, once per input value of every
+/// product, on the engine thread's serial share of a step. The truncation is exact and so is
+/// `v - trunc(v)` (|v| <= 256 after the clamp, which NaN passes through), so the comparison
+/// decides as `round`.
+#[inline(always)]
+fn round_to_i8(v: f32) -> i8 {
+    let v = v.clamp(-256.0, 256.0);
+    let t = v as i32;
+    let frac = v - t as f32;
+    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+    r.clamp(i8::MIN.into(), i8::MAX.into()) as i8
 }
 
 /// Input rows rounded to Q8_0 blocks, as the kernel reads them.

@@ -123,3 +123,41 @@ fn bytes_count_the_padded_panel() -> Result<()> {
     assert_eq!(w.bytes(), 2 * 2 * (8 * 64 + 16 * 2));
     Ok(())
 }
+
+/// The libm-free rounding gives `f32::round`'s saturated value for halves, values near them,
+/// the ends of the i8 range and beyond, and NaN.
+#[test]
+fn rounding_is_f32_round() {
+    let mut values = vec![
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e9,
+        -3e9,
+        0.0,
+        -0.0,
+    ];
+    for i in -1300..=1300 {
+        let v = i as f32 / 10.0;
+        for u in [v, v + 0.05, v - 0.05] {
+            values.extend([
+                u,
+                f32::from_bits(u.to_bits().wrapping_add(1)),
+                f32::from_bits(u.to_bits().wrapping_sub(1)),
+            ]);
+        }
+    }
+    values.extend([
+        0.5,
+        -0.5,
+        0.49999997,
+        -0.49999997,
+        127.5,
+        -128.5,
+        126.5,
+        -127.5,
+    ]);
+    for v in values {
+        assert_eq!(super::round_to_i8(v), v.round() as i8, "{v}");
+    }
+}
