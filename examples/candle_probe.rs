@@ -116,55 +116,43 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 /// AVX-512 where the CPU has it (as the decode kernel in `src/model/small_m.rs` is), so that
 /// the figure is the machine's read ceiling, not that of SSE2 code.
 fn lane_sum(xs: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected just above.
-        return unsafe { lane_sum_avx512(xs) };
-    }
-    lane_sum_plain(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lane_sum_avx512(xs: &[f32]) -> f32 {
-    lane_sum_plain(xs)
-}
-
-#[inline(always)]
-fn lane_sum_plain(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 64];
-    let chunks = xs.chunks_exact(64);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    lane_sum_best::<false>(xs)
 }
 
 /// [`lane_sum`] asking for the data 768 bytes ahead, every 4th cache line, as the small-m
 /// kernel does for one input row (`src/model/small_m.rs`): on this machine one long stream a
 /// core reads faster so than by the hardware's prefetchers alone.
 fn lane_sum_fetching(xs: &[f32]) -> f32 {
+    lane_sum_best::<true>(xs)
+}
+
+fn lane_sum_best<const FETCH: bool>(xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was detected just above.
-        return unsafe { lane_sum_fetching_avx512(xs) };
+        return unsafe { lane_sum_avx512::<FETCH>(xs) };
     }
-    lane_sum_plain(xs)
+    lane_sum_plain::<FETCH>(xs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lane_sum_fetching_avx512(xs: &[f32]) -> f32 {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+unsafe fn lane_sum_avx512<const FETCH: bool>(xs: &[f32]) -> f32 {
+    lane_sum_plain::<FETCH>(xs)
+}
+
+#[inline(always)]
+fn lane_sum_plain<const FETCH: bool>(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 64];
     let chunks = xs.chunks_exact(64);
     let tail: f32 = chunks.remainder().iter().sum();
     for c in chunks {
-        // Past the end it is only a hint: prefetches never fault.
-        _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().cast::<i8>().wrapping_add(768));
+        #[cfg(target_arch = "x86_64")]
+        if FETCH {
+            let ahead = c.as_ptr().cast::<i8>().wrapping_add(768);
+            // SAFETY: only a hint: prefetches never fault, past the end or not.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead) };
+        }
         for (a, x) in acc.iter_mut().zip(c) {
             *a += x;
         }
