@@ -6,9 +6,9 @@
 # Builds mmserve and the probe (release), makes the random-weight models if missing, then, in
 # this order on a machine as quiet as possible: the candle probe (bandwidth, matmul), mmserve
 # under bench/loadgen.py (text and image, concurrency 1, 4, 16; a repeated image; a repeated
-# system prompt), PAIRS alternating batch-1 text runs of mmserve and transformers, then
-# transformers alone (bench/hf_peer.py, batch 1 and 8). Writes bench/out/<date>/ (the binaries
-# measured, JSON per step, report.md) and prints the report.
+# system prompt), PAIRS alternating batch-1 runs (text, one image) of mmserve and
+# transformers, then transformers alone (bench/hf_peer.py, batch 1 and 8). Writes
+# bench/out/<date>/ (the binaries measured, JSON per step, report.md) and prints the report.
 # Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
 # THREADS (default: every core), PORT (default 18700), PAIRS (alternating batch-1 pairs, default
 # 3), CARGO_TARGET_DIR.
@@ -45,14 +45,16 @@ for m in "${models[@]}"; do
   start_mmserve "$out/mmserve-$m.log" --model "$dir" --served-model-name "$m"
   "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg --pid "$server" \
     --kinds text,image,repeat,prefix --json "$out/mmserve-$m.json"
-  # Batch-1 text decode against transformers in alternating pairs (the server idles, using no
-  # CPU, while transformers runs), so that both sides of each ratio meet the same load.
+  # Batch-1 text decode and one-image TTFT against transformers in alternating pairs (the
+  # server idles, using no CPU, while transformers runs), so that both sides of each ratio
+  # meet the same load.
   for i in $(seq "$pairs"); do
-    echo "== pair $i of $pairs: mmserve, then transformers, batch-1 text"
-    "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --kinds text --concurrency 1 \
-      --json "$out/pair$i-mmserve-$m.json" | { grep "c=1" || true; }
-    "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" --kinds text \
-      --batches 1 --json "$out/pair$i-hf-$m.json" 2> >(grep -v -e Warning -e 'Loading weights' >&2)
+    echo "== pair $i of $pairs: mmserve, then transformers, batch 1, text and one image"
+    "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg \
+      --kinds text,image --concurrency 1 --json "$out/pair$i-mmserve-$m.json" | { grep "c=1" || true; }
+    "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" \
+      --kinds text,image --batches 1 --json "$out/pair$i-hf-$m.json" \
+      2> >(grep -v -e Warning -e 'Loading weights' >&2)
   done
   stop_mmserve
   echo "== transformers $m"
