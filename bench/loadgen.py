@@ -70,6 +70,9 @@ def parse():
     p.add_argument("--settle", type=float, default=3,
                    help="seconds to wait after the load before reading RSS (servers may trim when idle)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--first", type=int, default=0,
+                   help="number of the first request and image marker: runs against one server use "
+                        "disjoint ranges, so that no cache answers one from another")
     return p.parse_args()
 
 
@@ -113,13 +116,15 @@ def marked(base, i, corner=False):
     with `corner` in the bottom-right one."""
     img = base.copy()
     x, y = (img.width - 8, img.height - 8) if corner else (0, 0)
-    img.paste((i * 37 % 256, i * 91 % 256, i * 13 % 256), (x, y, x + 8, y + 8))
+    # One colour per i below 2**24: the image cache keys on exact pixels (PNG keeps them).
+    img.paste((i % 256, i // 256 % 256, i // 65536 % 256), (x, y, x + 8, y + 8))
     return img
 
 
-def distinct_images(path, count, corner=False):
-    """`count` data URLs of the image, each with its own marker when Pillow is there (markers in
-    the other corner with `corner`: a set of images distinct from the first)."""
+def distinct_images(path, count, corner=False, first=0):
+    """`count` data URLs of the image, each with its own marker when Pillow is there (markers
+    `first`, `first + 1`, ...; in the other corner with `corner`: a set of images distinct from
+    the first)."""
     raw = open(path, "rb").read()
     try:
         from PIL import Image
@@ -128,7 +133,7 @@ def distinct_images(path, count, corner=False):
         return [url] * count, False
     base = Image.open(io.BytesIO(raw)).convert("RGB")
     urls = []
-    for i in range(count):
+    for i in range(first, first + count):
         img = marked(base, i, corner)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
@@ -285,12 +290,12 @@ async def level(args, client, kind, conc, images, counter):
 async def run(args):
     kinds = args.kinds.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
-    counter = iter(range(10**9))
+    counter = iter(range(args.first, 10**9))
     images, distinct = [], False
     if "image" in kinds:
         if not args.image:
             sys.exit("--image is needed for the image workload")
-        images, distinct = distinct_images(args.image, 2 * max(levels) * args.rounds + 8)
+        images, distinct = distinct_images(args.image, 2 * max(levels) * args.rounds + 8, first=args.first)
     if "repeat" in kinds and not args.image:
         sys.exit("--image is needed for the repeat workload")
     out = {"base": args.base, "model": args.model, "max_tokens": args.max_tokens,

@@ -47,11 +47,13 @@ for m in "${models[@]}"; do
     --kinds text,image,repeat,prefix --json "$out/mmserve-$m.json"
   # Batch-1 text decode and one-image TTFT against transformers in alternating pairs (the
   # server idles, using no CPU, while transformers runs), so that both sides of each ratio
-  # meet the same load.
+  # meet the same load. Their requests and image markers (--first) are none the main run sent,
+  # so neither the image cache nor the prefix cache answers them.
   for i in $(seq "$pairs"); do
     echo "== pair $i of $pairs: mmserve, then transformers, batch 1, text and one image"
     "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg \
-      --kinds text,image --concurrency 1 --json "$out/pair$i-mmserve-$m.json" | { grep "c=1" || true; }
+      --kinds text,image --concurrency 1 --first $((1000 * i)) --json "$out/pair$i-mmserve-$m.json" \
+      | { grep "c=1" || true; }
     "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" \
       --kinds text,image --batches 1 --json "$out/pair$i-hf-$m.json" \
       2> >(grep -v -e Warning -e 'Loading weights' >&2)
