@@ -136,18 +136,18 @@ def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, paired=()):
             f"({bound:.1f} tok/s = read GB/s ÷ {wbytes / 1e6:.0f} MB)", f"{dec:.1f} tok/s = {dec / bound:.0%}", "≥ 75%")
         if h1:
             row("batch-1 text decode vs transformers", f"{dec / (1000 / h1['tpot_ms']):.2f}×", "≥ 2×")
-    text = [p["text"] for p in paired if "text" in p]
-    if text:
-        ratios = sorted(h / m for m, h in text)
-        each = ", ".join(f"{h / m:.2f}× ({m:.1f} vs {h:.1f} ms)" for m, h in text)
-        row(f"batch-1 text decode vs transformers, {len(text)} alternating pairs (median; each: "
-            "mmserve vs transformers TPOT)", f"{ratios[len(ratios) // 2]:.2f}×: {each}", "≥ 2×")
-    image = [p["image"] for p in paired if "image" in p]
-    if image:
-        ratios = sorted(m / h for m, h in image)
-        each = ", ".join(f"{m / h:.2f} ({m:.2f} vs {h:.2f} s)" for m, h in image)
-        row(f"TTFT one image vs transformers, {len(image)} alternating pairs (median of mmserve ÷ "
-            "transformers; each: mmserve vs transformers)", f"{ratios[len(ratios) // 2]:.2f}: {each}", "≤ 1")
+    def paired_row(kind, ratio, shown, name, goal):
+        """A row of the alternating pairs of `kind`: the median `ratio(ours, theirs)`, then each."""
+        both = [p[kind] for p in paired if kind in p]
+        if both:
+            ratios = sorted(ratio(a, b) for a, b in both)
+            row(f"{name}, {len(both)} alternating pairs (median; each: mmserve vs transformers)",
+                f"{ratios[len(ratios) // 2]:.2f}: " + ", ".join(shown(a, b) for a, b in both), goal)
+
+    paired_row("text", lambda m, h: h / m, lambda m, h: f"{h / m:.2f}× ({m:.1f} vs {h:.1f} ms TPOT)",
+               "batch-1 text decode vs transformers (×)", "≥ 2×")
+    paired_row("image", lambda m, h: m / h, lambda m, h: f"{m / h:.2f} ({m:.2f} vs {h:.2f} s)",
+               "TTFT one image vs transformers (mmserve ÷ transformers)", "≤ 1")
     if t1 and t16:
         row("aggregate tok/s, 16 text streams vs 1", f"{t16['output_tok_s'] / t1['output_tok_s']:.2f}×", "≥ 4×")
         if h8:
