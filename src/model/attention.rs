@@ -11,6 +11,7 @@ use super::decode_attention::{self, Query};
 use super::huge_pages::HugeArena;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, QuantReport};
+use super::rope_store::{rotate_and_store, Heads};
 use super::text_config::TextConfig;
 
 /// One sequence's slice of a flattened step.
@@ -194,15 +195,26 @@ impl SelfAttention {
         let (q_width, kv_width) = (self.heads * hd, self.kv_heads * hd);
         // (T, q_width + 2 kv_width)
         let qkv = self.qkv.forward(xs)?;
-        let q = rotate(qkv.narrow(1, 0, q_width)?, self.heads)?;
-        let k = rotate(qkv.narrow(1, q_width, kv_width)?, self.kv_heads)?;
-        let v = qkv
-            .narrow(1, q_width + kv_width, kv_width)?
-            .reshape((t, self.kv_heads, hd))?;
+        let heads = Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: hd,
+        };
         let rows = |x: &Tensor, s: &Span| x.narrow(0, s.offset, s.len);
-        for s in spans {
-            cache.write(s.seq_id, layer, s.start_pos, &rows(&k, s)?, &rows(&v, s)?)?;
-        }
+        // (T, heads, hd), rotated; the keys and values are in the cache after this.
+        let q = match rotate_and_store(&qkv, (cos, sin), heads, spans, layer, cache)? {
+            Some(q) => q,
+            None => {
+                let k = rotate(qkv.narrow(1, q_width, kv_width)?, self.kv_heads)?;
+                let v =
+                    qkv.narrow(1, q_width + kv_width, kv_width)?
+                        .reshape((t, self.kv_heads, hd))?;
+                for s in spans {
+                    cache.write(s.seq_id, layer, s.start_pos, &rows(&k, s)?, &rows(&v, s)?)?;
+                }
+                rotate(qkv.narrow(1, 0, q_width)?, self.heads)?
+            }
+        };
         // Keys older than the first query's window are invisible to every query: skip them.
         let first = |s: &Span| {
             self.window

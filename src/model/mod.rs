@@ -39,6 +39,7 @@ mod par;
 mod q8;
 pub mod qwen2vl;
 mod rope;
+mod rope_store;
 pub mod small_m;
 mod splice;
 mod text_config;
