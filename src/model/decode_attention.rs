@@ -6,16 +6,26 @@
 //! streams the profile (bench/README.md) showed that gather (one `index_select` copy of every
 //! cached key and value, every layer, every step) at 7% of the samples and the small matmuls
 //! and their spinning waits at another 10%, all on the engine thread alone. Here one call per
-//! layer covers every decoding sequence: each (sequence, kv head) pair is a work item on
-//! candle's thread pool that reads its keys where the block table says they are, scores the
-//! query heads sharing that kv head against each key read once, takes the softmax (the same
-//! row softmax as the general path) and sums the values.
+//! layer covers every decoding sequence. A sequence's keys are cut into pieces of [`CHUNK`]
+//! positions; each (sequence, piece) is a work item on candle's thread pool that reads its
+//! keys and values where the block table says they are, whole pool rows (every kv head) at a
+//! time, and scores every query head against them, keeping per head the piece's largest score,
+//! the sum of `exp(score - largest)` and the `exp`-weighted sum of the values. The pieces of a
+//! sequence are then merged (flash-decoding's split-K), in piece order, so a sequence's result
+//! depends on its own keys only, never on its batch neighbours.
+//!
+//! Items were (sequence, kv head) before, each reading its head's 256 bytes from rows 768 bytes
+//! apart; at batch 1 that was 3 items for 2 threads and about 15 µs an item of ~135 keys, the
+//! time of reading them from memory a row at a time (the weights' stream evicts them every
+//! step). Whole rows are contiguous within a block, so the hardware prefetchers follow them.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::f16;
 
-use super::attention::softmax_row;
 use super::small_m::Weight;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// One decoding sequence of the step.
 pub(crate) struct Query<'a> {
@@ -103,107 +113,178 @@ impl CustomOp3 for DecodeAttention<'_> {
 }
 
 impl DecodeAttention<'_> {
-    /// Every (query, kv head) pair, spread over the thread pool.
+    /// Every (query, piece of its keys), spread over the thread pool, then merged per query.
     fn run<W: Weight>(&self, q: &[f32], k: &[W], v: &[W]) -> Result<Vec<f32>> {
-        let (hd, kvh) = (self.hd, self.kv_heads);
-        let n_rep = self.heads / kvh;
-        let slots = k.len() / (kvh * hd);
+        let (hd, heads) = (self.hd, self.heads);
+        let slots = k.len() / (self.kv_heads * hd);
         for query in self.queries {
             let in_pool = query.slots.iter().all(|&s| (s as usize) < slots);
-            if query.slots.is_empty() || !in_pool || (query.row + 1) * self.heads * hd > q.len() {
+            if query.slots.is_empty() || !in_pool || (query.row + 1) * heads * hd > q.len() {
                 candle_core::bail!("decode attention: a query or slot out of range");
             }
         }
-        let mut out = vec![0f32; self.queries.len() * self.heads * hd];
-        // Item i: query i / kvh, kv head i % kvh; it owns that query's n_rep heads' outputs.
-        super::par::for_each_chunk_mut(&mut out, n_rep * hd, |i, piece| {
-            let (query, g) = (&self.queries[i / kvh], i % kvh);
-            let first_head = query.row * self.heads + g * n_rep;
-            let qs = &q[first_head * hd..(first_head + n_rep) * hd];
+        // (query, first key of the piece)
+        let items: Vec<(usize, usize)> = self
+            .queries
+            .iter()
+            .enumerate()
+            .flat_map(|(i, query)| (0..query.slots.len()).step_by(CHUNK).map(move |f| (i, f)))
+            .collect();
+        // Per item, per head: the largest score, the sum of exp(score - largest), then the
+        // exp-weighted sum of the values (heads, hd).
+        let part = heads * (hd + 2);
+        let mut partial = vec![0f32; items.len() * part];
+        super::par::for_each_chunk_mut(&mut partial, part, |i, piece| {
+            let (qi, first) = items[i];
+            let query = &self.queries[qi];
+            let end = (first + CHUNK).min(query.slots.len());
             let item = Item {
-                qs,
-                slots: query.slots,
-                g,
+                qs: &q[query.row * heads * hd..(query.row + 1) * heads * hd],
+                slots: &query.slots[first..end],
                 k,
                 v,
             };
-            self.one_fastest(item, piece);
+            self.piece_fastest(item, piece);
         });
+        let mut out = vec![0f32; self.queries.len() * heads * hd];
+        let mut next = 0;
+        for (query, o) in self.queries.iter().zip(out.chunks_exact_mut(heads * hd)) {
+            let pieces = query.slots.len().div_ceil(CHUNK);
+            self.merge(&partial[next * part..(next + pieces) * part], o);
+            next += pieces;
+        }
         Ok(out)
     }
 
-    /// [`Self::one`] compiled for AVX-512 where the CPU has it (the loops vectorise 16 wide
-    /// instead of the baseline's 4).
-    fn one_fastest<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected just above.
-            return unsafe { self.one_avx512(item, out) };
-        }
-        self.one(item, out)
-    }
-
-    /// SAFETY: the CPU must have AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn one_avx512<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
-        self.one(item, out)
-    }
-
-    /// One item into `out` (n_rep, hd).
-    #[inline(always)]
-    fn one<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
-        let Item { qs, slots, g, k, v } = item;
-        let (hd, kvh, n) = (self.hd, self.kv_heads, slots.len());
-        // In bounds: `run` checked every slot against the pool.
-        fn row<W>(pool: &[W], at: usize, hd: usize) -> &[W] {
-            &pool[at..at + hd]
-        }
-        let at = |slot: u32| (slot as usize * kvh + g) * hd;
-        // (n_rep, n): scores, then probabilities.
-        let mut scores = vec![0f32; qs.len() / hd * n];
-        for (j, &slot) in slots.iter().enumerate() {
-            // The value rows too: the second loop then finds them in cache.
-            let next = slots.get(j + AHEAD).map(|&s| at(s));
-            prefetch(k, next, hd);
-            prefetch(v, next, hd);
-            let key = row(k, at(slot), hd);
-            for (r, qh) in qs.chunks_exact(hd).enumerate() {
-                scores[r * n + j] = dot(qh, key) * self.scale;
+    /// One query's pieces (each `heads * (hd + 2)`, as [`Self::piece`] writes them), in key
+    /// order, into its output (heads, hd): each head's value sums rescaled to the largest
+    /// score over all pieces, added in piece order, over the rescaled sums of `exp`.
+    fn merge(&self, pieces: &[f32], out: &mut [f32]) {
+        let (heads, hd) = (self.heads, self.hd);
+        let part = heads * (hd + 2);
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let largest = pieces
+                .chunks_exact(part)
+                .map(|p| p[h])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            o.fill(0.0);
+            for p in pieces.chunks_exact(part) {
+                let w = (p[h] - largest).exp();
+                total += w * p[heads + h];
+                let sums = &p[2 * heads + h * hd..2 * heads + (h + 1) * hd];
+                for (o, s) in o.iter_mut().zip(sums) {
+                    *o += w * s;
+                }
+            }
+            let inv = 1.0 / total;
+            for o in o.iter_mut() {
+                *o *= inv;
             }
         }
-        let mut probs = vec![0f32; scores.len()];
-        for (s, p) in scores.chunks_exact(n).zip(probs.chunks_exact_mut(n)) {
-            softmax_row(s, p);
+    }
+
+    /// [`Self::piece`] with the AVX-512 per-key arithmetic where the CPU has it and the head
+    /// width allows it (a multiple of 16), else the portable loops.
+    fn piece_fastest<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && self.hd.is_multiple_of(16) {
+            // SAFETY: the feature was detected and the width checked just above.
+            return unsafe { self.piece_avx512(item, out) };
         }
-        out.fill(0.0);
+        self.piece(item, out, false)
+    }
+
+    /// SAFETY: the CPU must have AVX-512F, and `self.hd` be a multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn piece_avx512<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32]) {
+        self.piece(item, out, true)
+    }
+
+    /// One piece of a query's keys into `out`: per head the largest score, then per head the
+    /// sum of exp(score - largest), then the exp-weighted value sums (heads, hd).
+    /// `simd`: AVX-512 is there and `hd` a multiple of 16 (see [`avx512`]).
+    #[inline(always)]
+    fn piece<W: Weight>(&self, item: Item<'_, W>, out: &mut [f32], simd: bool) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        let Item { qs, slots, k, v } = item;
+        let (hd, heads, n) = (self.hd, self.heads, slots.len());
+        let n_rep = heads / self.kv_heads;
+        let width = self.kv_heads * hd;
+        // In bounds: `run` checked every slot against the pool.
+        fn row<W>(pool: &[W], slot: u32, width: usize) -> &[W] {
+            let at = slot as usize * width;
+            &pool[at..at + width]
+        }
+        // (heads, n): scores, then exp(score - largest).
+        let mut p = vec![0f32; heads * n];
         for (j, &slot) in slots.iter().enumerate() {
-            let value = row(v, at(slot), hd);
-            for (r, o) in out.chunks_exact_mut(hd).enumerate() {
-                let p = probs[r * n + j];
-                for (o, x) in o.iter_mut().zip(value) {
-                    *o += p * x.widen();
+            // The value rows too: the second loop then finds them in cache.
+            let ahead = slots.get(j + AHEAD).map(|&s| s as usize * width);
+            prefetch(k, ahead, width);
+            prefetch(v, ahead, width);
+            let key = row(k, slot, width);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` says the CPU has AVX-512F and hd is a multiple of 16; qs is
+                // (heads, hd), a key row (kv_heads, hd), p (heads, n) with j < n.
+                unsafe { avx512::scores(qs, key, (hd, n_rep, self.scale), &mut p[j..], n) };
+                continue;
+            }
+            for (h, qh) in qs.chunks_exact(hd).enumerate() {
+                let g = h / n_rep;
+                p[h * n + j] = dot(qh, &key[g * hd..(g + 1) * hd]) * self.scale;
+            }
+        }
+        let (stats, sums) = out.split_at_mut(2 * heads);
+        for (h, e) in p.chunks_exact_mut(n).enumerate() {
+            let largest = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in e.iter_mut() {
+                *x -= largest;
+            }
+            super::fast_exp::exp_in_place(e);
+            stats[h] = largest;
+            stats[heads + h] = e.iter().sum();
+        }
+        sums.fill(0.0);
+        for (j, &slot) in slots.iter().enumerate() {
+            let value = row(v, slot, width);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: as for the scores; sums is (heads, hd).
+                unsafe { avx512::add_values(&p[j..], n, value, (hd, n_rep), sums) };
+                continue;
+            }
+            for (h, o) in sums.chunks_exact_mut(hd).enumerate() {
+                let (g, e) = (h / n_rep, p[h * n + j]);
+                for (o, x) in o.iter_mut().zip(&value[g * hd..(g + 1) * hd]) {
+                    *o += e * x.widen();
                 }
             }
         }
     }
 }
 
+/// Keys per work item. Pieces of 32 cut SmolVLM-256M's ~135 keys at batch 1 into 5 items for
+/// the 2 threads (3 kv heads made 3 before), and at 16 streams make ~80.
+const CHUNK: usize = 32;
+
 /// How many keys ahead the scoring loop asks for the key and value rows it and the loop after
 /// it will read: the slots of a block are in order, but the hardware's prefetcher does not
 /// follow the jumps between blocks, nor start early enough on rows this short. Batch-1 decode
-/// at ~135 keys (SmolVLM-256M, timers around this op in the server, alternating runs): 1.35-1.78
-/// ms a step (5 runs) with values fetched here 8 keys ahead, against 2.13-2.15 ms (2) with keys
-/// and values each fetched 4 ahead in their own loop.
+/// at ~135 keys (SmolVLM-256M, timers around this op in the server, one run each, 2026-11-28):
+/// 37-40 µs a layer 4 or 8 keys ahead, 44-47 µs with none, 2 or 16 ahead.
 const AHEAD: usize = 8;
 
-/// Asks for `pool[at..at + hd]` to be brought into cache (nothing for `None` or off the
+/// Asks for `pool[at..at + len]` to be brought into cache (nothing for `None` or off the
 /// CPUs without the instruction).
 #[inline(always)]
-fn prefetch<W>(pool: &[W], at: Option<usize>, hd: usize) {
+fn prefetch<W>(pool: &[W], at: Option<usize>, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(at) = at {
-        let bytes = hd * std::mem::size_of::<W>();
+        let bytes = len * std::mem::size_of::<W>();
         let start = pool.as_ptr().wrapping_add(at).cast::<i8>();
         for line in (0..bytes).step_by(64) {
             // SAFETY: a prefetch never faults, whatever the address.
@@ -215,16 +296,15 @@ fn prefetch<W>(pool: &[W], at: Option<usize>, hd: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (pool, at, hd);
+    let _ = (pool, at, len);
 }
 
-/// One work item: the query heads `qs` (n_rep, hd) of kv head `g` against the keys and values
-/// at `slots` of the pools `k`, `v` (slots, kv_heads, hd).
+/// One work item: every query head `qs` (heads, hd) against the keys and values at `slots`
+/// of the pools `k`, `v` (slots, kv_heads, hd).
 #[derive(Clone, Copy)]
 struct Item<'a, W> {
     qs: &'a [f32],
     slots: &'a [u32],
-    g: usize,
     k: &'a [W],
     v: &'a [W],
 }
@@ -258,8 +338,9 @@ mod tests {
 
     const HEADS: usize = 6;
     const KV_HEADS: usize = 2;
-    /// Not a multiple of the dot product's 16 lanes: its tail runs too.
-    const HD: usize = 20;
+    /// Head widths: not a multiple of 16 (the portable loops, with the dot product's tail),
+    /// and SmolVLM's 64 (the AVX-512 path where the CPU has it).
+    const HDS: [usize; 2] = [20, 64];
 
     fn span(seq_id: u64, offset: usize, start_pos: usize, len: usize) -> Span {
         Span {
@@ -271,12 +352,12 @@ mod tests {
     }
 
     /// Writes random keys and values for `spans` (reserving them first).
-    fn fill(cache: &mut KvCache, spans: &[Span]) -> Result<()> {
+    fn fill(cache: &mut KvCache, spans: &[Span], hd: usize) -> Result<()> {
         cache
             .reserve(spans)
             .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
         for s in spans {
-            let kv = || Tensor::randn(0f32, 1.0, (s.len, KV_HEADS, HD), &Device::Cpu);
+            let kv = || Tensor::randn(0f32, 1.0, (s.len, KV_HEADS, hd), &Device::Cpu);
             let dtype = cache.pools(0)?.0.dtype();
             cache.write(
                 s.seq_id,
@@ -303,42 +384,80 @@ mod tests {
         Tensor::cat(&heads, 1)
     }
 
-    /// Two decoding sequences (8 and 3 keys; the first also seen through a window that
-    /// starts at position 3) against candle's matmuls and softmax over the keys that
-    /// `KvCache::read` gathers, with f32 and with f16 pools. Both sum the same f32 products in
-    /// another order (at most 20 terms of magnitude ~1): 1e-5 is a hundred ulps of margin.
+    /// Three decoding sequences (8, 3 and 101 keys; the first also seen through a window that
+    /// starts at position 3, the last from position 37: one piece, and 4 and 2 merged pieces)
+    /// against candle's matmuls and softmax over the keys that `KvCache::read` gathers, with f32
+    /// and with f16 pools, at both head widths. Both sum the same f32 products in another
+    /// order, and the pieces are rescaled by exp(largest - overall largest) before adding: a
+    /// few ulps of terms of magnitude ~1, over at most 101 keys; 1e-5 is tens of ulps of
+    /// margin. Then all three in one call: each row the bits it had alone.
     #[test]
     fn matches_gathered_attention() -> Result<()> {
-        for dtype in [DType::F32, DType::F16] {
+        for (hd, dtype) in HDS
+            .into_iter()
+            .flat_map(|hd| [(hd, DType::F32), (hd, DType::F16)])
+        {
             let shape = KvShape {
                 num_layers: 1,
                 kv_heads: KV_HEADS,
-                head_dim: HD,
+                head_dim: hd,
                 dtype,
                 device: Device::Cpu,
             };
             let mut cache = KvCache::new(&shape, &KvCacheConfig::with_bytes(4, 1 << 20))?;
-            fill(&mut cache, &[span(1, 0, 0, 7), span(2, 7, 0, 2)])?;
+            let cached = [span(1, 0, 0, 7), span(2, 7, 0, 2), span(3, 9, 0, 100)];
+            fill(&mut cache, &cached, hd)?;
             cache.commit(1, 7);
             cache.commit(2, 2);
-            let step = [span(1, 0, 7, 1), span(2, 1, 2, 1)];
-            fill(&mut cache, &step)?;
-            let q = Tensor::randn(0f32, 1.0, (2, HEADS, HD), &Device::Cpu)?;
-            let scale = (HD as f64).powf(-0.5);
-            for (s, first) in [(&step[0], 0), (&step[0], 3), (&step[1], 0)] {
+            cache.commit(3, 100);
+            let step = [span(1, 0, 7, 1), span(2, 1, 2, 1), span(3, 2, 100, 1)];
+            fill(&mut cache, &step, hd)?;
+            let q = Tensor::randn(0f32, 1.0, (3, HEADS, hd), &Device::Cpu)?;
+            let scale = (hd as f64).powf(-0.5);
+            let query = |s: &Span, first: usize| -> Result<Query<'_>> {
                 let n = s.start_pos + 1 - first;
-                let queries = [Query {
+                Ok(Query {
                     row: s.offset,
                     slots: cache.slot_ids(s.seq_id, first, n)?,
-                }];
+                })
+            };
+            let cases = [
+                (&step[0], 0),
+                (&step[0], 3),
+                (&step[1], 0),
+                (&step[2], 0),
+                (&step[2], 37),
+            ];
+            for (s, first) in cases {
+                let queries = [query(s, first)?];
                 let got = attend(&q, cache.pools(0)?, &queries, scale)?.expect("applies");
-                let (keys, values) = cache.read(s.seq_id, 0, first, n)?;
+                let (keys, values) = cache.read(s.seq_id, 0, first, queries[0].slots.len())?;
                 let want = reference(&q.get(s.offset)?, &keys, &values, scale)?;
                 let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let seq = s.seq_id;
                 assert!(
                     diff < 1e-5,
-                    "{dtype:?} seq {} from {first}: {diff}",
-                    s.seq_id
+                    "hd {hd} {dtype:?} seq {seq} from {first}: {diff}"
+                );
+            }
+            let bits = |t: Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            let all = step
+                .iter()
+                .map(|s| query(s, 0))
+                .collect::<Result<Vec<_>>>()?;
+            let together = attend(&q, cache.pools(0)?, &all, scale)?.expect("applies");
+            for (i, one) in all.into_iter().enumerate() {
+                let alone = attend(&q, cache.pools(0)?, &[one], scale)?.expect("applies");
+                assert_eq!(
+                    bits(together.get(i)?)?,
+                    bits(alone)?,
+                    "hd {hd} {dtype:?} row {i}"
                 );
             }
         }
