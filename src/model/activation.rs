@@ -210,13 +210,7 @@ mod tests {
                 (Activation::Silu.apply(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
             let got = gated(Activation::Silu, &gate_up)?;
             assert_eq!(got.dims(), [t, i]);
-            let bits = |x: &Tensor| -> Result<Vec<u32>> {
-                Ok(x.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
+            let bits = crate::model::f32_bits;
             assert_eq!(bits(&got)?, bits(&want)?, "t {t} i {i}");
             let half = gated(Activation::Silu, &gate_up.to_dtype(DType::F16)?)?;
             let diff = (half.to_dtype(DType::F32)? - &want)?.abs()?;

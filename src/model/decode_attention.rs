@@ -334,6 +334,7 @@ mod tests {
 
     use super::*;
     use crate::model::attention::Span;
+    use crate::model::f32_bits;
     use crate::model::kv_cache::{KvCache, KvCacheConfig, KvShape};
 
     const HEADS: usize = 6;
@@ -440,13 +441,6 @@ mod tests {
                     "hd {hd} {dtype:?} seq {seq} from {first}: {diff}"
                 );
             }
-            let bits = |t: Tensor| -> Result<Vec<u32>> {
-                Ok(t.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
-            };
             let all = step
                 .iter()
                 .map(|s| query(s, 0))
@@ -455,8 +449,8 @@ mod tests {
             for (i, one) in all.into_iter().enumerate() {
                 let alone = attend(&q, cache.pools(0)?, &[one], scale)?.expect("applies");
                 assert_eq!(
-                    bits(together.get(i)?)?,
-                    bits(alone)?,
+                    f32_bits(&together.get(i)?)?,
+                    f32_bits(&alone)?,
                     "hd {hd} {dtype:?} row {i}"
                 );
             }

@@ -60,3 +60,14 @@ pub use llava::LlavaModel;
 pub use rope::{RopeConfig, RopeScaling};
 pub use text_config::{TextConfig, TextKind};
 pub use weights::safetensors_files;
+
+/// Test helper: a tensor's values as f32 bit patterns, for tests that demand the same bits.
+#[cfg(test)]
+pub(crate) fn f32_bits(t: &candle_core::Tensor) -> candle_core::Result<Vec<u32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}

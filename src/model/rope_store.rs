@@ -255,13 +255,7 @@ mod tests {
             let rows = |x: &Tensor| x.narrow(0, s.offset, s.len);
             plain.write(s.seq_id, 0, s.start_pos, &rows(&k)?, &rows(&v)?)?;
         }
-        let bits = |x: &Tensor| -> Result<Vec<u32>> {
-            Ok(x.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect())
-        };
+        let bits = crate::model::f32_bits;
         assert_eq!(bits(&q)?, bits(&want_q)?);
         let (fk, fv) = fused.pools(0)?;
         let (pk, pv) = plain.pools(0)?;

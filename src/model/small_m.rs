@@ -293,12 +293,7 @@ mod tests {
             for m in [1, 3, SMALL_M] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
                 let bits = |w: &Tensor| -> Result<Vec<u32>> {
-                    let y = matmul_t(&x, w)?.expect("applies").to_dtype(DType::F32)?;
-                    Ok(y.flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect())
+                    crate::model::f32_bits(&matmul_t(&x, w)?.expect("applies"))
                 };
                 let want = bits(&w)?;
                 for offset in 1..=4 {
