@@ -37,52 +37,97 @@ unsafe fn exp_avx512(xs: &mut [f32]) {
     }
 }
 
-/// `super::attention::softmax_row` in AVX-512 registers: the row's max in one pass, then
-/// each exponential computed, stored and added up in a second, then the scaling. The sums
-/// are the portable version's (lane `l` adds the elements `l` mod 16 of the whole chunks in
-/// order, the lanes then added 0 to 15, the tail's sum last), so both give the same bits.
-/// Elements of the row the profile saw at 6 ms of a 1024-patch SigLIP layer's 18 ms of
-/// attention when written as plain loops (the max a scalar chain, the rest 4 lanes wide).
+/// `super::attention::softmax_row` in AVX-512 registers: [`max_avx512`], then
+/// [`exp_sum_avx512`], then the scaling. The sums are the portable version's (lane `l` adds
+/// the elements `l` mod 16 of the whole chunks in order, the lanes then added 0 to 15, the
+/// tail's sum last), so both give the same bits. Elements of the row the profile saw at 6 ms
+/// of a 1024-patch SigLIP layer's 18 ms of attention when written as plain loops (the max a
+/// scalar chain, the rest 4 lanes wide).
 ///
 /// SAFETY: the CPU must have AVX-512F; `out` is at least as long as `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn softmax_avx512(x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let (n, whole) = (x.len(), x.len() / 16 * 16);
+    let n = x.len();
     let out = &mut out[..n];
-    let tail_mask = ((1u32 << (n - whole)) - 1) as __mmask16;
-    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-    // vmaxps returns its second operand where one is NaN, so NaNs are skipped as by
-    // `f32::max`.
-    let mut max = ninf;
-    for at in (0..whole).step_by(16) {
-        max = _mm512_max_ps(_mm512_loadu_ps(x.as_ptr().add(at)), max);
+    let sum = exp_sum_avx512(x.as_ptr(), out.as_mut_ptr(), n, max_avx512(x));
+    let inv = _mm512_set1_ps(1.0 / sum);
+    for at in (0..n).step_by(16) {
+        let mask = lanes_from(n - at);
+        let p = out.as_mut_ptr().add(at);
+        _mm512_mask_storeu_ps(p, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p), inv));
     }
-    let rest = _mm512_mask_loadu_ps(ninf, tail_mask, x.as_ptr().add(whole));
-    let max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(rest, max)));
+}
+
+/// The largest element of `x` (NaNs skipped, as by `f32::max`; -inf when empty), in 4
+/// independent chains of `vmaxps`: one chain waited on each comparison's latency. The max is
+/// exact, so the order of the comparisons does not change it.
+///
+/// SAFETY: the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn max_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (n, p) = (x.len(), x.as_ptr());
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    // vmaxps returns its second operand where one is NaN, so NaNs are skipped.
+    let mut m = [ninf; 4];
+    let mut at = 0;
+    while at + 64 <= n {
+        for (i, m) in m.iter_mut().enumerate() {
+            *m = _mm512_max_ps(_mm512_loadu_ps(p.add(at + 16 * i)), *m);
+        }
+        at += 64;
+    }
+    while at < n {
+        let v = _mm512_mask_loadu_ps(ninf, lanes_from(n - at), p.add(at));
+        m[0] = _mm512_max_ps(v, m[0]);
+        at += 16;
+    }
+    _mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_max_ps(m[0], m[1]),
+        _mm512_max_ps(m[2], m[3]),
+    ))
+}
+
+/// `out[i] = exp(x[i] - max)` for `i < n`, and their sum: lane `l` adds the elements `l` mod
+/// 16 of the whole chunks in order, the lanes are then added 0 to 15, the tail's elements
+/// last. `x` and `out` may be the same buffer.
+///
+/// SAFETY: the CPU must have AVX-512F; both pointers reach `n` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_sum_avx512(x: *const f32, out: *mut f32, n: usize, max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let whole = n / 16 * 16;
+    let max = _mm512_set1_ps(max);
     let mut lanes = _mm512_setzero_ps();
     for at in (0..whole).step_by(16) {
-        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x.as_ptr().add(at)), max));
-        _mm512_storeu_ps(out.as_mut_ptr().add(at), e);
+        let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x.add(at)), max));
+        _mm512_storeu_ps(out.add(at), e);
         lanes = _mm512_add_ps(lanes, e);
     }
-    let e = exp16(_mm512_sub_ps(rest, max));
-    _mm512_mask_storeu_ps(out.as_mut_ptr().add(whole), tail_mask, e);
     let mut sums = [0f32; 16];
     _mm512_storeu_ps(sums.as_mut_ptr(), lanes);
-    let tail: f32 = out[whole..].iter().sum();
-    let inv = _mm512_set1_ps(1.0 / (sums.iter().sum::<f32>() + tail));
-    for at in (0..whole).step_by(16) {
-        let p = out.as_mut_ptr().add(at);
-        _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), inv));
+    let mut sum = sums.iter().sum::<f32>();
+    if whole < n {
+        let mask = lanes_from(n - whole);
+        let rest = _mm512_maskz_loadu_ps(mask, x.add(whole));
+        _mm512_mask_storeu_ps(out.add(whole), mask, exp16(_mm512_sub_ps(rest, max)));
+        let tail: f32 = std::slice::from_raw_parts(out.add(whole), n - whole)
+            .iter()
+            .sum();
+        sum += tail;
     }
-    let p = out.as_mut_ptr().add(whole);
-    _mm512_mask_storeu_ps(
-        p,
-        tail_mask,
-        _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask, p), inv),
-    );
+    sum
+}
+
+/// A mask of the first `left.min(16)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_from(left: usize) -> u16 {
+    ((1u32 << left.min(16)) - 1) as u16
 }
 
 #[cfg(target_arch = "x86_64")]

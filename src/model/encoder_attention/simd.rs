@@ -16,7 +16,8 @@ pub(super) const COLS: usize = VECS * LANES;
 
 /// The operands of `out = A · B`: A (rows, depth) with row stride `lda`; B (depth, cols) in
 /// panels of [`COLS`] columns, `panel` apart, each panel's rows `ldb` apart; out (rows, cols)
-/// with row stride `ldo`. A row-major B is one with `panel = COLS`.
+/// with row stride `ldo`. A row-major B is one with `panel = COLS`. With `scale` not null,
+/// row `r` of the result is multiplied by `scale[r]` as it is stored.
 pub(super) struct Product {
     pub a: *const f32,
     pub lda: usize,
@@ -28,6 +29,7 @@ pub(super) struct Product {
     pub cols: usize,
     pub out: *mut f32,
     pub ldo: usize,
+    pub scale: *const f32,
 }
 
 /// `out[r * ldo + c] = sum_t a[r * lda + t] * b[t * ldb + c]`, each sum in `t` order. One
@@ -46,7 +48,12 @@ pub(super) unsafe fn product(p: &Product) {
             let mut r = 0;
             while r < p.rows {
                 let (a, out) = (p.a.add(r * p.lda), p.out.add(r * p.ldo));
-                let at = (c0, ts.clone());
+                // Row r's scale, when this piece ends the sums.
+                let scale = match p.scale.is_null() || ts.end < p.depth {
+                    true => std::ptr::null(),
+                    false => p.scale.add(r),
+                };
+                let at = (c0, ts.clone(), scale);
                 match p.rows - r {
                     1 => block::<1>(p, a, at, out),
                     2 => block::<2>(p, a, at, out),
@@ -65,12 +72,13 @@ pub(super) unsafe fn product(p: &Product) {
 const DEPTH: usize = 64;
 
 /// Rows `0..R` of A from `a` times rows `ts` of the panel of B at column `c0`, added to the
-/// sums in `out` (which start at zero when `ts` starts at 0).
+/// sums in `out` (which start at zero when `ts` starts at 0), each row times `scale[r]` when
+/// `scale` is not null.
 #[inline(always)]
 unsafe fn block<const R: usize>(
     p: &Product,
     a: *const f32,
-    (c0, ts): (usize, std::ops::Range<usize>),
+    (c0, ts, scale): (usize, std::ops::Range<usize>, *const f32),
     out: *mut f32,
 ) {
     let masks = masks(p.cols - c0);
@@ -97,9 +105,14 @@ unsafe fn block<const R: usize>(
         }
     }
     for (r, acc) in acc.iter().enumerate() {
+        let by = match scale.is_null() {
+            true => None,
+            false => Some(_mm512_set1_ps(*scale.add(r))),
+        };
         for c in 0..VECS {
             let at = out.wrapping_add(r * p.ldo + c0 + c * LANES);
-            _mm512_mask_storeu_ps(at, masks[c], acc[c]);
+            let sums = by.map_or(acc[c], |by| _mm512_mul_ps(acc[c], by));
+            _mm512_mask_storeu_ps(at, masks[c], sums);
         }
     }
 }
