@@ -3,7 +3,11 @@
 //! separable passes, each rounding and clipping to uint8. Each pass's output rows are split
 //! over as many scoped threads as candle's pool has (the image profile had the two passes of
 //! SmolVLM's 512 -> 2048 -> 512 resize at 70-85 ms of one core, ahead of the encoder); every
-//! row is computed as alone, so the bytes do not change.
+//! row is computed as alone, so the bytes do not change. Sums are 32-bit integers, as Pillow's;
+//! the vertical pass's inner loop (a row of bytes times one weight, added to a row of sums) is
+//! compiled for AVX-512 and AVX2 and picked at run time, the horizontal pass's for AVX2. Both
+//! steps of 512 -> 2048 -> 512 on 2 threads, 3 alternating runs of 3 resizes on a noisy
+//! machine: 51-74 ms (median 55) before, 25-50 ms (median 29) after.
 
 use std::ops::Range;
 
@@ -97,7 +101,7 @@ fn to_fixed(w: f64) -> i32 {
 }
 
 /// One output sample of a pass: `acc` starts at one half (rounding), then shift and clip.
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -150,20 +154,7 @@ fn horizontal_pass(src: View, coeffs: &Coeffs, col0: usize) -> Vec<u8> {
     let n_out = coeffs.starts.len();
     let mut out = vec![0u8; src.rows * n_out * CHANNELS];
     for_rows(&mut out, n_out * CHANNELS, |y, out_row| {
-        let in_row = src.row(y);
-        for (i, px) in out_row.chunks_exact_mut(CHANNELS).enumerate() {
-            let (start, taps) = coeffs.taps(i);
-            let mut acc = [1i64 << (PRECISION_BITS - 1); CHANNELS];
-            for (t, &k) in taps.iter().enumerate() {
-                let p = (start - col0 + t) * CHANNELS;
-                for (a, &v) in acc.iter_mut().zip(&in_row[p..p + CHANNELS]) {
-                    *a += i64::from(v) * i64::from(k);
-                }
-            }
-            for (dst, a) in px.iter_mut().zip(acc) {
-                *dst = clip8(a);
-            }
-        }
+        simd::horizontal_row(src.row(y), coeffs, col0, out_row)
     });
     out
 }
@@ -176,17 +167,95 @@ fn vertical_pass(src: View, coeffs: &Coeffs, row0: usize) -> Vec<u8> {
     let mut out = vec![0u8; n_out * row_len];
     for_rows(&mut out, row_len, |y, out_row| {
         let (start, taps) = coeffs.taps(y);
-        let mut acc = vec![1i64 << (PRECISION_BITS - 1); row_len];
+        let mut acc = vec![HALF; row_len];
         for (t, &k) in taps.iter().enumerate() {
-            for (a, &v) in acc.iter_mut().zip(src.row(start - row0 + t)) {
-                *a += i64::from(v) * i64::from(k);
-            }
+            simd::add_scaled(&mut acc, src.row(start - row0 + t), k);
         }
         for (dst, &a) in out_row.iter_mut().zip(&acc) {
             *dst = clip8(a);
         }
     });
     out
+}
+
+/// Where a pass's sums start: one half, so that the shift rounds.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// The sums in 32-bit integers, as Pillow's `int ss`: each weight is below 2^22 in size and
+/// a normalised filter's weights add up in size to under 1.5 x 2^22 (Lanczos' negative lobes
+/// are the most), so a sum of bytes times weights stays under 255 x 1.5 x 2^22 + 2^21 < 2^31.
+/// Integer sums are exact, so the order of the additions does not matter.
+mod simd {
+    use super::{clip8, Coeffs, CHANNELS, HALF};
+
+    /// `acc[j] += row[j] * k` for every `j`.
+    pub(super) fn add_scaled(acc: &mut [i32], row: &[u8], k: i32) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the features were detected just above.
+            return unsafe { add_scaled_avx512(acc, row, k) };
+        } else if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { add_scaled_avx2(acc, row, k) };
+        }
+        add_scaled_plain(acc, row, k)
+    }
+
+    #[inline(always)]
+    fn add_scaled_plain(acc: &mut [i32], row: &[u8], k: i32) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += i32::from(v) * k;
+        }
+    }
+
+    /// The same loop, vectorised by the compiler 16 lanes wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn add_scaled_avx512(acc: &mut [i32], row: &[u8], k: i32) {
+        add_scaled_plain(acc, row, k)
+    }
+
+    /// The same loop, 8 lanes wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_scaled_avx2(acc: &mut [i32], row: &[u8], k: i32) {
+        add_scaled_plain(acc, row, k)
+    }
+
+    /// One row of the horizontal pass: output pixel `i` is the sum of input pixels
+    /// `start_i - col0 ..` times its taps, channel by channel.
+    pub(super) fn horizontal_row(in_row: &[u8], coeffs: &Coeffs, col0: usize, out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was detected just above.
+            return unsafe { horizontal_row_avx2(in_row, coeffs, col0, out) };
+        }
+        horizontal_row_plain(in_row, coeffs, col0, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_row_avx2(in_row: &[u8], coeffs: &Coeffs, col0: usize, out: &mut [u8]) {
+        horizontal_row_plain(in_row, coeffs, col0, out)
+    }
+
+    #[inline(always)]
+    fn horizontal_row_plain(in_row: &[u8], coeffs: &Coeffs, col0: usize, out: &mut [u8]) {
+        for (i, px) in out.chunks_exact_mut(CHANNELS).enumerate() {
+            let (start, taps) = coeffs.taps(i);
+            let from = (start - col0) * CHANNELS;
+            let pixels = in_row[from..from + taps.len() * CHANNELS].chunks_exact(CHANNELS);
+            let mut acc = [HALF; CHANNELS];
+            for (p, &k) in pixels.zip(taps) {
+                acc[0] += i32::from(p[0]) * k;
+                acc[1] += i32::from(p[1]) * k;
+                acc[2] += i32::from(p[2]) * k;
+            }
+            for (dst, a) in px.iter_mut().zip(acc) {
+                *dst = clip8(a);
+            }
+        }
+    }
 }
 
 /// Rows per thread below which a pass is not split (a thread's start costs about as much as
