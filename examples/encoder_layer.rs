@@ -91,12 +91,16 @@ fn main() -> Result<()> {
         product_flop * per as f64 / heads as f64,
         || p.matmul(&part(&v, 0)?),
     )?;
-    // Scores, softmax and values in one pass (src/model/encoder_attention.rs), all heads.
+    // Scores, softmax and values in one pass (src/model/encoder_attention.rs), all heads,
+    // from the projections' (1, S, heads x hd) layout.
+    let tokens = |t: &Tensor| t.transpose(1, 2)?.reshape((1, s, heads * hd));
+    let (q, k, v) = (tokens(&q)?, tokens(&k)?, tokens(&v)?);
+    let scale = (hd as f32).powf(-0.5);
     time(
         "attention, fused (both products)",
         2.0 * product_flop,
         || {
-            mmserve::model::encoder_attention::attention(&q, &k, &v)?
+            mmserve::model::encoder_attention::attention(&q, &k, &v, heads, scale)?
                 .ok_or_else(|| candle_core::Error::Msg("fused attention does not apply".into()))
         },
     )?;

@@ -51,14 +51,18 @@ impl VisionAttention {
         // Scaling the queries rather than the (S x S) scores: S / head_dim times less work,
         // the same product up to one rounding.
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split((self.q.forward(xs)? * scale)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
+        let (q, k, v) = (
+            self.q.forward(xs)?,
+            self.k.forward(xs)?,
+            self.v.forward(xs)?,
+        );
         if mask.is_none() {
-            if let Some(ctx) = super::encoder_attention::attention(&q, &k, &v)? {
+            let fused = super::encoder_attention::attention(&q, &k, &v, self.heads, scale as f32);
+            if let Some(ctx) = fused? {
                 return self.out.forward(&ctx);
             }
         }
+        let (q, k, v) = (split((q * scale)?)?, split(k)?, split(v)?);
         // A few heads at a time keep the (N, heads, S, S) scores small: 48 MiB for one
         // 1024-patch tile with 12 heads would be mapped fresh (and page-faulted) by every layer.
         let per = (SCORES_BYTES / (n * s * s * 4).max(1)).clamp(1, self.heads);
