@@ -154,18 +154,30 @@ fn product(
     {
         candle_core::bail!("many-rows matmul: operands do not match ({m}, {k}) x ({n}, {k})");
     }
-    let mut out = match bias {
-        Some(b) => b.repeat(m),
-        None => vec![0f32; m * n],
-    };
+    // Each item writes its own block's starting values (the bias, or zeros) before adding its
+    // product onto them, so the (m, n) output is filled in parallel: filled here first, it
+    // was a serial pass (12 MiB for SigLIP's fc1) while the other thread waited.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     // Split by output columns too (each thread packs what it reads), not by rows: a part is
     // then the product one call would make for its columns.
     let parts = (candle_core::utils::barrier_pool().n_workers() + 1).clamp(1, n.max(1));
-    let dst = super::par::Disjoint::new(&mut out);
+    let dst = super::par::Disjoint::uninit(&mut out.spare_capacity_mut()[..m * n]);
     super::par::for_each_index(m / group * parts, |item| {
         let (g, part) = (item / parts, item % parts);
         let (first, end) = (part * n / parts, (part + 1) * n / parts);
         let row = g * group;
+        for r in row..row + group {
+            // SAFETY: as below; these are the item's own places.
+            unsafe {
+                let at = dst.ptr().add(r * n + first);
+                match bias {
+                    Some(b) => {
+                        std::ptr::copy_nonoverlapping(b[first..end].as_ptr(), at, end - first)
+                    }
+                    None => std::ptr::write_bytes(at, 0, end - first),
+                }
+            }
+        }
         // W^T's columns first..end, (k, end - first): from (n, k) its rows first..end with
         // strides (1, k), from (k, n) at `first` with strides (n, 1).
         let (rhs, rhs_cs, rhs_rs) = match columns {
@@ -191,12 +203,15 @@ fn product(
             gemm_once(
                 (group, end - first, k),
                 (dst.ptr().add(row * n + first), 1, n as isize),
-                bias.is_some(),
+                true,
                 (x.as_ptr().add(row * k), 1, k as isize),
                 (rhs, rhs_cs, rhs_rs),
             )
         };
     });
+    // SAFETY: the items' blocks cover every row (m / group groups of `group`) and every column
+    // (the parts split 0..n), and each wrote all of its places above.
+    unsafe { out.set_len(m * n) };
     Ok((CpuStorage::F32(out), Shape::from((m, n))))
 }
 

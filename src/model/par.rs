@@ -134,6 +134,12 @@ impl Disjoint {
         Self(out.as_mut_ptr())
     }
 
+    /// Shares `out`, not yet written; the caller keeps it borrowed while any call uses it, and
+    /// reads it as `f32` only where the calls wrote.
+    pub fn uninit(out: &mut [std::mem::MaybeUninit<f32>]) -> Self {
+        Self(out.as_mut_ptr().cast())
+    }
+
     /// SAFETY: `start..start + len` lies in the buffer and overlaps no other live slice.
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
