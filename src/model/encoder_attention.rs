@@ -1,27 +1,31 @@
 //! The encoders' unmasked self-attention on the CPU in one pass per block of queries: scores,
 //! softmax and the weighted sum of values computed while the block's scores are in cache.
 //!
-//! Through candle, one 1024-patch SigLIP tile's attention wrote each head's (1024, 1024) scores
-//! to memory three times (the product, the softmax, the second product's input) and its first
-//! product, with an inner dimension of only 64, ran at half the rate of the encoder's other
-//! matmuls (`examples/encoder_layer.rs`): about 40% of an encoder layer's time for 18% of its
-//! arithmetic. The operands are the projections' (N, S, heads x head_dim) outputs: the keys are
-//! packed into panels and the values copied head-major once per call, in parallel, and each
-//! item scales its own queries as it copies them (before, candle's serial copies split all three
-//! into (N, heads, S, head_dim) and scaled the queries in a pass of their own, while the other
-//! thread waited; the server's encoder time for 6 tiles, 3 alternating runs on a noisy
-//! machine: 7.8-8.9 s before, 7.0-8.7 s after). Each work item is 24 queries of one head: their scores against every key
-//! (a register-blocked product over the keys, transposed once per call into panels of 64
-//! keys, 6 queries x 64 keys at a time), each row's exponentials (in place of its scores; the
-//! row's max in 4 independent chains), then the exponentials times the value rows (6 queries x
-//! 64 value dimensions at a time), each output row times 1 / its sum as it is stored, straight
-//! into the (N, S, heads x head_dim) output. Normalising the S exponentials of a row first took
-//! a pass of its own; dividing the head_dim outputs costs nothing beside the store. With the
-//! 4-chain max, one tile's attention (12 heads, 2 threads, fastest of 40 calls, 4 alternating
-//! runs on a noisy machine) went from 16.1-21.8 ms to 14.9-21.8 ms, medians 18.2-29.0 to
-//! 15.4-26.7 ms. Every score is summed in head-dimension order and every output in key order,
-//! wherever the item falls, so the result does not depend on the threads. AVX-512 only;
-//! elsewhere, or with a mask, the caller keeps candle's path.
+//! Through candle, one 1024-patch SigLIP tile's attention wrote each head's (1024, 1024) scores to
+//! memory three times (the product, the softmax, the second product's input) and its first product,
+//! with an inner dimension of only 64, ran at half the rate of the encoder's other matmuls
+//! (`examples/encoder_layer.rs`): about 40% of an encoder layer's time for 18% of its arithmetic.
+//!
+//! The operands are the projections' (N, S, heads x head_dim) outputs: the keys are packed into
+//! panels and the values copied head-major once per call, in parallel, and each item scales its own
+//! queries as it copies them. (Before, candle's serial copies split all three into (N, heads, S,
+//! head_dim) and scaled the queries in a pass of their own while the other thread waited; the
+//! server's encoder time for 6 tiles, 3 alternating runs on a noisy machine: 7.8-8.9 s before,
+//! 7.0-8.7 s after.)
+//!
+//! Each work item is 24 queries of one head: their scores against every key (a register-blocked
+//! product over the keys, transposed once per call into panels of 64 keys, 6 queries x 64 keys at a
+//! time), each row's exponentials (in place of its scores; the row's max in 4 independent chains),
+//! then the exponentials times the value rows (6 queries x 64 value dimensions at a time), each
+//! output row times 1 / its sum as it is stored, straight into the (N, S, heads x head_dim) output.
+//! Normalising the S exponentials of a row first took a pass of its own; scaling the head_dim
+//! outputs costs nothing beside the store. With the 4-chain max, one tile's attention (12 heads, 2
+//! threads, fastest of 40 calls, 4 alternating runs on a noisy machine) went from 16.1-21.8 ms to
+//! 14.9-21.8 ms, medians 18.2-29.0 to 15.4-26.7 ms.
+//!
+//! Every score is summed in head-dimension order and every output in key order, wherever the item
+//! falls, so the result does not depend on the threads. AVX-512 only; elsewhere, or with a mask,
+//! the caller keeps candle's path.
 
 use std::cell::RefCell;
 
@@ -36,8 +40,8 @@ const QUERIES: usize = 4 * simd::ROWS;
 
 /// `softmax(scale q k^T) v` per head for the projections `q`, `k`, `v` (N, S, heads x
 /// head_dim), heads side by side in each row as the projections give them, no mask: (N, S,
-/// heads x head_dim) f32. The queries are scaled as they are read (`q * scale` in f32, the
-/// bits `(q * scale)` would have), so neither the scaling nor a (N, heads, S, head_dim) copy of
+/// heads x head_dim) f32. The queries are scaled as they are read (`q * scale` in f32: the
+/// bits candle's `(q * scale)` gives, up to the sign of a zero), so neither the scaling nor a (N, heads, S, head_dim) copy of
 /// each operand takes a pass of its own. `None` where this kernel does not apply (not the CPU,
 /// not f32, no AVX-512).
 pub fn attention(
