@@ -30,11 +30,10 @@ impl Heads {
 
 /// A contiguous f32 CPU tensor's values, or `None`.
 fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(values)) = storage else {
+    let Storage::Cpu(values) = storage else {
         return None;
     };
-    let (start, end) = layout.contiguous_offsets()?;
-    values.get(start..end)
+    super::par::operand(values, layout).ok()
 }
 
 /// `qkv` (T, row) and `cos`/`sin` (T, head_dim / 2): writes each span's keys (rotated) and
