@@ -184,7 +184,10 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 /// The sums in 32-bit integers, as Pillow's `int ss`: each weight is below 2^22 in size and
 /// a normalised filter's weights add up in size to under 1.5 x 2^22 (Lanczos' negative lobes
 /// are the most), so a sum of bytes times weights stays under 255 x 1.5 x 2^22 + 2^21 < 2^31.
-/// Integer sums are exact, so the order of the additions does not matter.
+/// A filter cut short at an image edge is normalised by a smaller total, so that bound is not
+/// a proof: the additions wrap, as Pillow's C ints do in practice, rather than panic in a
+/// build with overflow checks on a request's pixels. Integer sums are exact (and wrapping ones
+/// exact modulo 2^32), so the order of the additions does not matter.
 mod simd {
     use super::{clip8, Coeffs, CHANNELS, HALF};
 
@@ -204,7 +207,7 @@ mod simd {
     #[inline(always)]
     fn add_scaled_plain(acc: &mut [i32], row: &[u8], k: i32) {
         for (a, &v) in acc.iter_mut().zip(row) {
-            *a += i32::from(v) * k;
+            *a = a.wrapping_add(i32::from(v).wrapping_mul(k));
         }
     }
 
@@ -247,9 +250,9 @@ mod simd {
             let pixels = in_row[from..from + taps.len() * CHANNELS].chunks_exact(CHANNELS);
             let mut acc = [HALF; CHANNELS];
             for (p, &k) in pixels.zip(taps) {
-                acc[0] += i32::from(p[0]) * k;
-                acc[1] += i32::from(p[1]) * k;
-                acc[2] += i32::from(p[2]) * k;
+                acc[0] = acc[0].wrapping_add(i32::from(p[0]).wrapping_mul(k));
+                acc[1] = acc[1].wrapping_add(i32::from(p[1]).wrapping_mul(k));
+                acc[2] = acc[2].wrapping_add(i32::from(p[2]).wrapping_mul(k));
             }
             for (dst, a) in px.iter_mut().zip(acc) {
                 *dst = clip8(a);
