@@ -65,8 +65,10 @@ def main():
              f"load average before {meta['load_before']}, after {meta['load_after']}.", ""]
     mat = {(r["m"], r["k"], r["n"], r["dtype"]): r for r in probe["matmul"]}
     enc_rate = mat[(1024, 768, 3072, "f32")]["gflops"]
-    fetching = (f", 2 MiB pages with the kernel's prefetches {probe['read_huge_fetching_gbs']:.1f}"
+    fetching = (f", 2 MiB pages prefetched as one stream {probe['read_huge_fetching_gbs']:.1f}"
                 if "read_huge_fetching_gbs" in probe else "")
+    fetching += (f", 2 MiB pages 4 rows at a time as the decode kernel reads {probe['read_huge_blocks_gbs']:.1f}"
+                 if "read_huge_blocks_gbs" in probe else "")
     pages = (f" (4 KiB pages {probe['read_4k_gbs']:.1f}, 2 MiB pages {probe['read_huge_gbs']:.1f}{fetching}: "
              "the fastest is the ceiling)") if "read_huge_gbs" in probe else ""
     lines += ["**Probe** (candle, same session): read "

@@ -1,6 +1,6 @@
 //! This machine's limits for `bench/`, measured in the same session as the load: memory
-//! bandwidth (a parallel read-sum of 1 GiB in 4 KiB and in 2 MiB pages, in 2 MiB pages with
-//! the one-row decode kernel's prefetches, and a parallel copy, on plain threads), candle's `Linear` speed in f32 and f16 at decode shapes (small m: bound by
+//! bandwidth (a parallel read-sum of 1 GiB in 4 KiB and in 2 MiB pages, in 2 MiB pages as one
+//! prefetched stream and as the decode kernel reads it, and a parallel copy, on plain threads), candle's `Linear` speed in f32 and f16 at decode shapes (small m: bound by
 //! reading the weights) and prefill shapes (large m: bound by compute), and mmserve's own small-m kernel at the decode
 //! shapes it takes (`dtype` "f32 small-m"). Prints one JSON object on stdout, a table on
 //! stderr.
@@ -116,29 +116,75 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 /// AVX-512 where the CPU has it (as the decode kernel in `src/model/small_m.rs` is), so that
 /// the figure is the machine's read ceiling, not that of SSE2 code.
 fn lane_sum(xs: &[f32]) -> f32 {
-    lane_sum_best::<false>(xs)
+    lane_sum_best::<false, false>(xs)
 }
 
-/// [`lane_sum`] asking for the data 768 bytes ahead, every 4th cache line, as the small-m
-/// kernel does for one input row (`src/model/small_m.rs`): on this machine one long stream a
-/// core reads faster so than by the hardware's prefetchers alone.
+/// [`lane_sum`] asking for the data 768 bytes ahead, every 4th cache line: one long stream a
+/// core may read faster so than by the hardware's prefetchers alone (the small-m kernel read
+/// one input row's weights so until 2026-11-28).
 fn lane_sum_fetching(xs: &[f32]) -> f32 {
-    lane_sum_best::<true>(xs)
+    lane_sum_best::<true, false>(xs)
 }
 
-fn lane_sum_best<const FETCH: bool>(xs: &[f32]) -> f32 {
+/// The sum read as the small-m kernel reads a weight matrix for one input row
+/// (`src/model/small_m.rs`): rows of SmolLM2's hidden size, 4 at a time side by side, each
+/// step asking for the same place in the next 4 rows (into L2).
+fn lane_sum_blocks(xs: &[f32]) -> f32 {
+    lane_sum_best::<false, true>(xs)
+}
+
+fn lane_sum_best<const FETCH: bool, const BLOCKS: bool>(xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was detected just above.
-        return unsafe { lane_sum_avx512::<FETCH>(xs) };
+        return unsafe { lane_sum_avx512::<FETCH, BLOCKS>(xs) };
     }
-    lane_sum_plain::<FETCH>(xs)
+    sum_plain::<FETCH, BLOCKS>(xs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lane_sum_avx512<const FETCH: bool>(xs: &[f32]) -> f32 {
-    lane_sum_plain::<FETCH>(xs)
+unsafe fn lane_sum_avx512<const FETCH: bool, const BLOCKS: bool>(xs: &[f32]) -> f32 {
+    sum_plain::<FETCH, BLOCKS>(xs)
+}
+
+#[inline(always)]
+fn sum_plain<const FETCH: bool, const BLOCKS: bool>(xs: &[f32]) -> f32 {
+    if BLOCKS {
+        block_sum_plain(xs)
+    } else {
+        lane_sum_plain::<FETCH>(xs)
+    }
+}
+
+/// Elements per row in [`block_sum_plain`]: SmolLM2-135M's hidden size, most of its
+/// projections' `k`.
+const ROW: usize = 576;
+
+#[inline(always)]
+fn block_sum_plain(xs: &[f32]) -> f32 {
+    let mut acc = [[0f32; 16]; 4];
+    let blocks = xs.chunks_exact(4 * ROW);
+    let tail: f32 = blocks.remainder().iter().sum();
+    for block in blocks {
+        for at in (0..ROW).step_by(16) {
+            #[cfg(target_arch = "x86_64")]
+            for r in 0..4 {
+                let next = block.as_ptr().wrapping_add((4 + r) * ROW + at).cast::<i8>();
+                // SAFETY: only a hint: prefetches never fault, past the end or not.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(next)
+                };
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let lanes = &block[r * ROW + at..r * ROW + at + 16];
+                for (a, x) in a.iter_mut().zip(lanes) {
+                    *a += x;
+                }
+            }
+        }
+    }
+    acc.iter().flatten().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -179,8 +225,10 @@ fn read_gbs(src: &[f32], threads: usize, reps: usize, sum: fn(&[f32]) -> f32) ->
 struct Bandwidth {
     read_4k: f64,
     read_huge: f64,
-    /// 2 MiB pages, read with prefetches as the one-row kernel does.
+    /// 2 MiB pages, one stream prefetched 768 bytes ahead.
     read_huge_fetching: f64,
+    /// 2 MiB pages, read 4 rows at a time as the decode kernel reads weights.
+    read_huge_blocks: f64,
     /// Read plus write bytes, as STREAM counts them (4 KiB pages).
     copy: f64,
 }
@@ -205,6 +253,7 @@ fn bandwidth(threads: usize, reps: usize) -> Bandwidth {
         read_4k: read_gbs(&src, threads, reps, lane_sum),
         read_huge: read_gbs(&huge, threads, reps, lane_sum),
         read_huge_fetching: read_gbs(&huge, threads, reps, lane_sum_fetching),
+        read_huge_blocks: read_gbs(&huge, threads, reps, lane_sum_blocks),
         copy: 2.0 * BANDWIDTH_BYTES as f64 / 1e9 / copy,
     }
 }
@@ -246,12 +295,15 @@ fn main() -> candle_core::Result<()> {
     let reps = if quick { 2 } else { 7 };
     let threads = threads();
     let bw = bandwidth(threads, reps);
-    // The ceiling a decoding step can reach: the fastest of the three ways to read.
-    let read = bw.read_4k.max(bw.read_huge).max(bw.read_huge_fetching);
+    // The ceiling a decoding step can reach: the fastest of the four ways to read.
+    let read = [bw.read_huge, bw.read_huge_fetching, bw.read_huge_blocks]
+        .into_iter()
+        .fold(bw.read_4k, f64::max);
     eprintln!(
         "threads {threads}: read {:.1} GB/s (4 KiB pages) {:.1} GB/s (2 MiB pages) {:.1} GB/s \
-         (2 MiB pages, prefetching), copy {:.1} GB/s (read + write)",
-        bw.read_4k, bw.read_huge, bw.read_huge_fetching, bw.copy
+         (2 MiB pages, prefetching) {:.1} GB/s (2 MiB pages, 4 rows at a time), copy {:.1} GB/s \
+         (read + write)",
+        bw.read_4k, bw.read_huge, bw.read_huge_fetching, bw.read_huge_blocks, bw.copy
     );
     let mut rows = Vec::new();
     for shape in SHAPES {
@@ -280,6 +332,7 @@ fn main() -> candle_core::Result<()> {
         "read_4k_gbs": bw.read_4k,
         "read_huge_gbs": bw.read_huge,
         "read_huge_fetching_gbs": bw.read_huge_fetching,
+        "read_huge_blocks_gbs": bw.read_huge_blocks,
         "copy_gbs": bw.copy,
         "matmul": rows,
     });

@@ -4,7 +4,8 @@
 //!
 //!   RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=2 cargo run --release --example decode_step
 //!
-//! `HUGE=1` times the weights in 2 MiB pages (mmserve's layout), `CACHED=1` in cache.
+//! `HUGE=1` times the weights in 2 MiB pages (mmserve's layout), `CACHED=1` in cache; `MS=1,4,1`
+//! the row counts to time, in that order.
 
 use std::time::Instant;
 
@@ -50,7 +51,12 @@ fn main() -> candle_core::Result<()> {
             .collect::<Result<_, _>>()?;
     }
     let bytes: usize = weights.iter().map(|w| w.elem_count() * 4).sum();
-    for m in [1usize, 2, 4, 8, 16] {
+    // `MS=1,4,1,4` times those row counts, in that order (alternating for a side-by-side).
+    let ms: Vec<usize> = match std::env::var("MS") {
+        Ok(v) => v.split(',').filter_map(|m| m.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 2, 4, 8, 16],
+    };
+    for m in ms {
         let xs576 = Tensor::randn(0f32, 1.0, (m, 576), &dev)?;
         let xs1536 = Tensor::randn(0f32, 1.0, (m, 1536), &dev)?;
         let flops: usize = weights.iter().map(|w| 2 * m * w.elem_count()).sum();

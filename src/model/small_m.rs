@@ -7,7 +7,8 @@
 //! the same 9 GB/s. Here the weight rows are split across candle's CPU thread pool (`par`), and
 //! each weight row is read once from memory while every input row's dot product with it is
 //! accumulated, 4 weight rows x 4 input rows at a time (16 independent FMA chains in
-//! registers). AVX-512 or AVX2 is picked at run time; other CPUs get plain dot products.
+//! registers; for one input row, 4 weight rows at a time). AVX-512 or AVX2 is picked at run
+//! time; other CPUs get plain dot products.
 //!
 //! For 16 rows (`examples/decode_step.rs`) three more things counted: the input rows are copied
 //! so that their loads are aligned wherever the weights' are (a load split across two cache
@@ -26,28 +27,19 @@ pub const SMALL_M: usize = 16;
 const XR: usize = 4;
 const WR: usize = 4;
 
-/// How many register blocks of weight rows ahead the kernel prefetches.
+/// How many register blocks of weight rows ahead the kernel prefetches (every row count, one
+/// included). For one input row this replaced reading the weight rows one at a time as a
+/// single stream prefetched 768 bytes ahead, tuned in an earlier session; on today's machine
+/// (`examples/decode_step`, `MS=1,4,...`, 2 MiB pages) that path took 21-25 ms a step against
+/// 17.7-20.1 for four rows. Blocks of 4 weight rows with this prefetch, alternating runs:
+/// 14.4-21.2 ms against 23.6-28.7; the server's batch-1 TPOT 19.5-25.9 ms against 29.4-40.4.
+/// Prefetching each row's own stream ahead as well made no further difference.
 const AHEAD: usize = 1;
-
-/// For one input row (one weight row at a time, a single stream), bytes ahead of the loads
-/// that the kernel prefetches, and how often: every 4th cache line. A C read of 512 MiB on
-/// both cores: 34 GB/s with such prefetches against 28 without, when each thread reads one
-/// long stream; 27 against 27 in 36 KiB pieces. So `par` gives each thread a contiguous
-/// share. `examples/decode_step` (m = 1, 2 MiB pages), three alternating pairs with the
-/// machine quiet: 18.7-19.0 ms a step against 19.6-19.7 before both changes; under load, no
-/// difference (20.0-20.4 both). Prefetching every line, or 4 weight rows (4 streams) at a
-/// time, was slower than no prefetching.
-const NEAR_AHEAD: usize = 768;
-const NEAR_EVERY: usize = 256;
 
 /// From this many input rows on the kernel starts its main loop where the weight loads are
 /// aligned (below, memory is the limit and the rotations this takes cost more than split
 /// loads).
 const ALIGN_FROM_M: usize = 4;
-
-/// From this many input rows on the kernel prefetches (below, the hardware's prefetcher keeps
-/// up: the block's one pass is short).
-const FETCH_FROM_M: usize = 2;
 
 /// `x` (m, k) @ `w` (n, k)^T -> (m, n) in `x`'s dtype, when this kernel applies: both f32 or
 /// both f16, on the CPU, `w` contiguous, `1 <= m <= SMALL_M`. `None` otherwise (the caller

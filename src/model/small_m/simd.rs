@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Weight, AHEAD, ALIGN_FROM_M, FETCH_FROM_M, NEAR_AHEAD, NEAR_EVERY, WR, XR};
+use super::{Weight, AHEAD, ALIGN_FROM_M, WR, XR};
 
 /// Loads `LANES` weights of type `W` as f32 lanes.
 pub(super) trait Load<W> {
@@ -192,17 +192,10 @@ unsafe fn rows<V: Vector + Load<W>, W: Weight>(
     let (x, w) = (x.as_ptr(), w.as_ptr());
     // Each pass over a block of weight rows asks for its share of the block `AHEAD` blocks
     // on, so that reading memory overlaps all of the block's passes.
-    let share = if m >= FETCH_FROM_M {
-        WR.div_ceil(m.div_ceil(XR))
-    } else {
-        0
-    };
-    // One input row: the weight rows one at a time, so that memory is read as one stream
-    // (prefetched `NEAR_AHEAD` on, in `block`).
-    let most = if m == 1 { 1 } else { WR };
+    let share = WR.div_ceil(m.div_ceil(XR));
     let mut j = 0;
     while j < rows {
-        let wr = most.min(rows - j);
+        let wr = WR.min(rows - j);
         let mut i = 0;
         while i < m {
             let xr = XR.min(m - i);
@@ -325,11 +318,6 @@ unsafe fn block<V: Vector + Load<W>, W: Weight, const R: usize, const C: usize>(
     }
     let mut at = head;
     while at + lanes <= k {
-        if R == 1 && C == 1 && (at * size_of::<W>()).is_multiple_of(NEAR_EVERY) {
-            // Past the row's end is the next row: the stream goes on (and never faults).
-            let p = w.add(at).cast::<i8>().wrapping_add(NEAR_AHEAD);
-            _mm_prefetch::<_MM_HINT_T0>(p);
-        }
         for r in 0..fetch_rows {
             let p = ahead.wrapping_add(r * k + at) as *const i8;
             _mm_prefetch::<_MM_HINT_T1>(p);
