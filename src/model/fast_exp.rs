@@ -135,12 +135,15 @@ fn lanes_from(left: usize) -> u16 {
 #[inline]
 unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    // Below -104 the result is 0 and above 89 infinity (scalef saturates); clamping keeps n
-    // in range. NaN passes through (max/min return their second operand when one is NaN).
-    let x = _mm512_min_ps(
-        _mm512_set1_ps(89.0),
-        _mm512_max_ps(_mm512_set1_ps(-104.0), x),
-    );
+    // At or below -104 the result is 0 (a masked score's -inf too): those lanes are computed
+    // from 0 and zeroed at the end. Computed from -104, `scalef` underflowed to that 0, and
+    // every such lane cost a microcode assist: the softmax of a causal prefill, half of it
+    // masked, ran at about 5 ns an element. Above 89 the result is infinity (scalef
+    // saturates); clamping keeps n in range. NaN passes through (the comparison is false for
+    // it, and max/min return their second operand when one is NaN).
+    let zero = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-104.0));
+    let x = _mm512_mask_mov_ps(x, zero, _mm512_setzero_ps());
+    let x = _mm512_min_ps(_mm512_set1_ps(89.0), x);
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
@@ -153,7 +156,7 @@ unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
-    _mm512_scalef_ps(p, n)
+    _mm512_maskz_mov_ps(!zero, _mm512_scalef_ps(p, n))
 }
 
 #[cfg(test)]
@@ -186,6 +189,10 @@ mod tests {
             -200.0,
         ];
         exp_in_place(&mut special);
+        // At and below -104 exactly 0 (libm's expf rounds these to 0 too), without computing.
+        let mut low = [-104.0f32, -104.001, -150.0, -1e30];
+        exp_in_place(&mut low);
+        assert_eq!(low.map(f32::to_bits), [0; 4]);
         assert_eq!(special[0], 0.0);
         assert_eq!(special[1], f32::INFINITY);
         assert!(special[2].is_nan());
