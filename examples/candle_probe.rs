@@ -1,9 +1,10 @@
 //! This machine's limits for `bench/`, measured in the same session as the load: memory
 //! bandwidth (a parallel read-sum of 1 GiB in 4 KiB and in 2 MiB pages, in 2 MiB pages as one
-//! prefetched stream and as the decode kernel reads it, and a parallel copy, on plain threads), candle's `Linear` speed in f32 and f16 at decode shapes (small m: bound by
-//! reading the weights) and prefill shapes (large m: bound by compute), and mmserve's own small-m kernel at the decode
-//! shapes it takes (`dtype` "f32 small-m"). Prints one JSON object on stdout, a table on
-//! stderr.
+//! prefetched stream and as the decode kernel reads it, and a parallel copy, on plain
+//! threads), candle's `Linear` speed in f32 and f16 at decode shapes (small m: bound by
+//! reading the weights) and prefill shapes (large m: bound by compute), and mmserve's own
+//! small-m kernel at the decode shapes it takes (`dtype` "f32 small-m"). Prints one JSON
+//! object on stdout, a table on stderr.
 //!
 //! ```text
 //! cargo run --release --example candle_probe [-- --quick]

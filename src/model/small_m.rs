@@ -29,11 +29,12 @@ const WR: usize = 4;
 
 /// How many register blocks of weight rows ahead the kernel prefetches (every row count, one
 /// included). For one input row this replaced reading the weight rows one at a time as a
-/// single stream prefetched 768 bytes ahead, tuned in an earlier session; on today's machine
-/// (`examples/decode_step`, `MS=1,4,...`, 2 MiB pages) that path took 21-25 ms a step against
-/// 17.7-20.1 for four rows. Blocks of 4 weight rows with this prefetch, alternating runs:
-/// 14.4-21.2 ms against 23.6-28.7; the server's batch-1 TPOT 19.5-25.9 ms against 29.4-40.4.
-/// Prefetching each row's own stream ahead as well made no further difference.
+/// single stream prefetched 768 bytes ahead, tuned in an earlier session. On the machine of
+/// 2026-11-28 (`examples/decode_step`, `MS=1,4,...`, 2 MiB pages) that path took 21-25 ms a
+/// step against 17.7-20.1 for four rows. Blocks of 4 weight rows with this prefetch,
+/// alternating runs: 14.4-21.2 ms against 23.6-28.7; the server's batch-1 TPOT 19.5-25.9 ms
+/// against 29.4-40.4. Prefetching each row's own stream ahead as well made no further
+/// difference.
 const AHEAD: usize = 1;
 
 /// From this many input rows on the kernel starts its main loop where the weight loads are
