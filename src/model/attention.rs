@@ -1,6 +1,8 @@
 //! Decoder self-attention over a flattened batch: q/k/v/o projections run once over every
 //! token of the step; rotary, cache append and the causal (optionally sliding-window) softmax
-//! run per sequence, so a sequence's result does not depend on its batch neighbours.
+//! run per sequence, so a sequence's result does not depend on its batch neighbours. The
+//! decoding sequences' attention is `decode_attention.rs`, a prefilling one's on the CPU
+//! `prefill_attention.rs`; elsewhere (f16, no AVX-512, other devices) the candle ops below.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -11,6 +13,7 @@ use super::decode_attention::{self, Query};
 use super::huge_pages::HugeArena;
 use super::kv_cache::KvCache;
 use super::linear::{Linear, QuantReport};
+use super::prefill_attention::{self, Causal};
 use super::rope_store::{rotate_and_store, Heads};
 use super::text_config::TextConfig;
 
@@ -252,8 +255,27 @@ impl SelfAttention {
                 _ => {
                     let first = first(s);
                     let n = s.start_pos + s.len - first;
-                    let (keys, values) = cache.read(s.seq_id, layer, first, n)?;
-                    outs.push(self.attend(&rows(&q, s)?, &keys, &values, s.start_pos, first)?);
+                    let at = Causal {
+                        start: s.start_pos,
+                        first,
+                        window: self.window,
+                    };
+                    let slots = cache.slot_ids(s.seq_id, first, n)?;
+                    let fused = prefill_attention::attend(
+                        &rows(&q, s)?,
+                        cache.pools(layer)?,
+                        slots,
+                        at,
+                        scale as f32,
+                    )?;
+                    let out = match fused {
+                        Some(out) => out,
+                        None => {
+                            let (keys, values) = cache.read(s.seq_id, layer, first, n)?;
+                            self.attend(&rows(&q, s)?, &keys, &values, s.start_pos, first)?
+                        }
+                    };
+                    outs.push(out);
                 }
             }
         }

@@ -75,7 +75,7 @@ pub fn attention(
         .map(Some)
 }
 
-fn avx512() -> bool {
+pub(crate) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     return is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
@@ -238,7 +238,7 @@ fn head_major(v: &[f32], (n, heads, s, hd): (usize, usize, usize, usize)) -> Vec
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd;
+pub(crate) mod simd;
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,7 @@ mod llava;
 pub mod many_rows;
 mod norm;
 mod par;
+mod prefill_attention;
 mod q8;
 pub mod qwen2vl;
 mod rope;

@@ -1,24 +1,25 @@
-//! The register-blocked product of the fused encoder attention (`super`), in AVX-512: both of
-//! its products (scores = q · keys transposed, context = probabilities · values) are a few rows
-//! of A times B, computed 6 rows x 4 vectors of 16 columns at a time (24 accumulators: per
-//! depth step 4 loads of B and 6 broadcasts of A feed 24 FMAs, so the FMA units, not the loads,
-//! set the pace), with masks where a row of B ends.
+//! The register-blocked product of the fused attentions (the encoders' `super`, the decoder's
+//! `prefill_attention.rs`), in AVX-512: both of their products (scores = q · keys transposed,
+//! context = probabilities · values) are a few rows of A times B, computed 6 rows x 4 vectors
+//! of 16 columns at a time (24 accumulators: per depth step 4 loads of B and 6 broadcasts of A
+//! feed 24 FMAs, so the FMA units, not the loads, set the pace), with masks where a row of B
+//! ends.
 
 use std::arch::x86_64::*;
 
 /// Rows of A per register block.
-pub(super) const ROWS: usize = 6;
+pub(crate) const ROWS: usize = 6;
 /// Vectors of B's columns per register block.
 const VECS: usize = 4;
 const LANES: usize = 16;
 /// B's columns per register block.
-pub(super) const COLS: usize = VECS * LANES;
+pub(crate) const COLS: usize = VECS * LANES;
 
 /// The operands of `out = A · B`: A (rows, depth) with row stride `lda`; B (depth, cols) in
 /// panels of [`COLS`] columns, `panel` apart, each panel's rows `ldb` apart; out (rows, cols)
 /// with row stride `ldo`. A row-major B is one with `panel = COLS`. With `scale` not null,
 /// row `r` of the result is multiplied by `scale[r]` as it is stored.
-pub(super) struct Product {
+pub(crate) struct Product {
     pub a: *const f32,
     pub lda: usize,
     pub b: *const f32,
@@ -41,7 +42,7 @@ pub(super) struct Product {
 /// SAFETY: needs AVX-512F; the three buffers hold what the strides and sizes reach, and the
 /// output places written are the caller's alone.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn product(p: &Product) {
+pub(crate) unsafe fn product(p: &Product) {
     for c0 in (0..p.cols).step_by(COLS) {
         for t0 in (0..p.depth).step_by(DEPTH) {
             let ts = t0..p.depth.min(t0 + DEPTH);
