@@ -139,7 +139,7 @@ impl EncoderLayer {
         let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
         let h = self
             .act
-            .apply(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
+            .apply_owned(self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
         xs + self.fc2.forward(&h)?
     }
 }
