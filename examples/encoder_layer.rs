@@ -94,13 +94,14 @@ fn main() -> Result<()> {
     // Scores, softmax and values in one pass (src/model/encoder_attention.rs), all heads,
     // from the projections' (1, S, heads x hd) layout.
     let tokens = |t: &Tensor| t.transpose(1, 2)?.reshape((1, s, heads * hd));
-    let (q, k, v) = (tokens(&q)?, tokens(&k)?, tokens(&v)?);
+    // The stacked projection's (1, S, 3 x heads x hd).
+    let qkv = Tensor::cat(&[tokens(&q)?, tokens(&k)?, tokens(&v)?], 2)?;
     let scale = (hd as f32).powf(-0.5);
     time(
         "attention, fused (both products)",
         2.0 * product_flop,
         || {
-            mmserve::model::encoder_attention::attention(&q, &k, &v, heads, scale)?
+            mmserve::model::encoder_attention::attention(&qkv, heads, scale)?
                 .ok_or_else(|| candle_core::Error::Msg("fused attention does not apply".into()))
         },
     )?;

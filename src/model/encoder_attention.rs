@@ -6,9 +6,10 @@
 //! with an inner dimension of only 64, ran at half the rate of the encoder's other matmuls
 //! (`examples/encoder_layer.rs`): about 40% of an encoder layer's time for 18% of its arithmetic.
 //!
-//! The operands are the projections' (N, S, heads x head_dim) outputs: the keys are packed into
-//! panels and the values copied head-major once per call, in parallel, and each item scales its own
-//! queries as it copies them. (Before, candle's serial copies split all three into (N, heads, S,
+//! The operand is the stacked q/k/v projection's (N, S, 3 x heads x head_dim) output: the keys
+//! are packed into panels and the values copied head-major once per call, in parallel, and each
+//! item scales its own queries as it copies them. (One stacked projection instead of three: the
+//! input is packed once and the pool meets once.) (Before, candle's serial copies split all three into (N, heads, S,
 //! head_dim) and scaled the queries in a pass of their own while the other thread waited; the
 //! server's encoder time for 6 tiles, 3 alternating runs on a noisy machine: 7.8-8.9 s before,
 //! 7.0-8.7 s after.)
@@ -29,7 +30,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::fast_exp;
 use super::par::operand;
@@ -38,41 +39,31 @@ use super::par::operand;
 /// stay in L2.
 const QUERIES: usize = 4 * simd::ROWS;
 
-/// `softmax(scale q k^T) v` per head for the projections `q`, `k`, `v` (N, S, heads x
-/// head_dim), heads side by side in each row as the projections give them, no mask: (N, S,
+/// `softmax(scale q k^T) v` per head for `qkv` (N, S, 3 x heads x head_dim): the q, k and v
+/// projections side by side in each row, each with its heads side by side, no mask: (N, S,
 /// heads x head_dim) f32. The queries are scaled as they are read (`q * scale` in f32: the
-/// bits candle's `(q * scale)` gives, up to the sign of a zero), so neither the scaling nor a (N, heads, S, head_dim) copy of
-/// each operand takes a pass of its own. `None` where this kernel does not apply (not the CPU,
-/// not f32, no AVX-512).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f32,
-) -> Result<Option<Tensor>> {
-    let applies = q.device().is_cpu()
-        && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
-        && q.dims() == k.dims()
-        && q.dims() == v.dims()
-        && q.rank() == 3
+/// bits candle's `(q * scale)` gives, up to the sign of a zero), so neither the scaling nor a
+/// (N, heads, S, head_dim) copy of each operand takes a pass of its own. `None` where this
+/// kernel does not apply (not the CPU, not f32, no AVX-512).
+pub fn attention(qkv: &Tensor, heads: usize, scale: f32) -> Result<Option<Tensor>> {
+    let applies = qkv.device().is_cpu()
+        && qkv.dtype() == DType::F32
+        && qkv.rank() == 3
         && heads > 0
-        && q.dim(2)? % heads == 0
+        && qkv.dim(2)? % (3 * heads) == 0
         && avx512();
     if !applies {
         return Ok(None);
     }
-    let (n, s, d) = q.dims3()?;
+    let (n, s, width) = qkv.dims3()?;
     let op = Fused {
         n,
         heads,
         s,
-        hd: d / heads,
+        hd: width / 3 / heads,
         scale,
     };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
-        .map(Some)
+    qkv.contiguous()?.apply_op1_no_bwd(&op).map(Some)
 }
 
 pub(crate) fn avx512() -> bool {
@@ -97,21 +88,13 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-impl CustomOp3 for Fused {
+impl CustomOp1 for Fused {
     fn name(&self) -> &'static str {
         "encoder-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (operand(qs, ql)?, operand(ks, kl)?, operand(vs, vl)?);
+    fn cpu_fwd(&self, qkv: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = operand(qkv, layout)?;
         let Fused {
             n,
             heads,
@@ -119,37 +102,41 @@ impl CustomOp3 for Fused {
             hd,
             scale,
         } = *self;
-        let d = heads * hd;
+        // Row stride of the stacked operand; k and v start d and 2 d into each row.
+        let (d, ld) = (heads * hd, 3 * heads * hd);
         let len = n * heads * s * hd;
-        if [q.len(), k.len(), v.len()] != [len; 3] || !avx512() {
+        if qkv.len() != 3 * len || !avx512() {
             candle_core::bail!(
-                "encoder attention: operands do not match ({n}, {heads}, {s}, {hd})"
+                "encoder attention: operand does not match ({n}, {s}, 3 x {heads} x {hd})"
             );
         }
-        let kt = transposed_panels(k, (n, heads, s, hd));
-        let vh = head_major(v, (n, heads, s, hd));
+        let (q, k, v) = (qkv, &qkv[d..], &qkv[2 * d..]);
+        let kt = transposed_panels(k, ld, (n, heads, s, hd));
+        let vh = head_major(v, ld, (n, heads, s, hd));
         let panels = s.div_ceil(simd::COLS);
-        let mut out = vec![0f32; len];
-        let shared = super::par::Disjoint::new(&mut out);
+        // Every place is written below (each item's rows of its head, all hd columns), so the
+        // output is not zero-filled first (a serial pass on the engine thread).
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let shared = super::par::Disjoint::uninit(&mut out.spare_capacity_mut()[..len]);
         let blocks = s.div_ceil(QUERIES);
         super::par::for_each_index(n * heads * blocks, |item| {
             let (nh, first) = (item / blocks, item % blocks * QUERIES);
             let (b, h) = (nh / heads, nh % heads);
             let rows = QUERIES.min(s - first);
-            // Where head h of sequence b's first row starts in the (N, S, D) operands.
-            let head = b * s * d + h * hd;
+            // Where head h of sequence b's first query starts in the stacked operand.
+            let head = b * s * ld + h * hd;
             let mut inv = [0f32; QUERIES];
             SCRATCH.with_borrow_mut(|(scores, queries)| {
                 scores.resize(QUERIES * s, 0.0);
                 // (rows, hd): the item's queries, scaled.
                 queries.clear();
                 for r in first..first + rows {
-                    let at = head + r * d;
+                    let at = head + r * ld;
                     queries.extend(q[at..at + hd].iter().map(|&x: &f32| x * scale));
                 }
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F was checked above; the operands hold (N, S, heads x hd)
-                // each; output rows b*S + first.. of head h are this item's alone, and `out`
+                // SAFETY: AVX-512F was checked above; the operand holds (N, S, 3 x heads x
+                // hd); output rows b*S + first.. of head h are this item's alone, and `out`
                 // outlives `for_each_index`.
                 unsafe {
                     // (rows, S) scores: the item's queries times the keys transposed.
@@ -193,25 +180,30 @@ impl CustomOp3 for Fused {
                 let _ = (b, h, rows, head, scores, queries, &mut inv);
             });
         });
+        // SAFETY: every item wrote its rows of its head, which together are all `len` places.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, s, heads * hd))))
     }
 }
 
-/// Each head's keys `k` (N, S, heads x hd) transposed into panels of [`simd::COLS`] keys:
-/// (N x heads, panels, hd, COLS), the keys past S zero. The score product then reads each
-/// depth step's 64 keys from one contiguous line of 256 bytes; from a plain (hd, S) transpose
-/// those lines lay S x 4 bytes apart, 4 KiB for S = 1024, all in the same few L1 sets, and the
-/// product ran at half its rate.
-fn transposed_panels(k: &[f32], (n, heads, s, hd): (usize, usize, usize, usize)) -> Vec<f32> {
+/// Each head's keys `k` (rows of (N, S) `ld` apart, heads x hd of them used) transposed into
+/// panels of [`simd::COLS`] keys: (N x heads, panels, hd, COLS), the keys past S zero. The
+/// score product then reads each depth step's 64 keys from one contiguous line of 256 bytes;
+/// from a plain (hd, S) transpose those lines lay S x 4 bytes apart, 4 KiB for S = 1024, all in
+/// the same few L1 sets, and the product ran at half its rate.
+fn transposed_panels(
+    k: &[f32],
+    ld: usize,
+    (n, heads, s, hd): (usize, usize, usize, usize),
+) -> Vec<f32> {
     let cols = simd::COLS;
     let panels = s.div_ceil(cols);
     let per_head = panels * hd * cols;
-    let d = heads * hd;
     let mut kt = vec![0f32; n * heads * per_head];
     super::par::for_each_chunk_mut(&mut kt, per_head, |nh, out| {
         let (b, h) = (nh / heads, nh % heads);
         for j in 0..s {
-            let at = (b * s + j) * d + h * hd;
+            let at = (b * s + j) * ld + h * hd;
             let (p, c) = (j / cols, j % cols);
             for (t, &x) in k[at..at + hd].iter().enumerate() {
                 out[(p * hd + t) * cols + c] = x;
@@ -221,16 +213,15 @@ fn transposed_panels(k: &[f32], (n, heads, s, hd): (usize, usize, usize, usize))
     kt
 }
 
-/// The values `v` (N, S, heads x hd) as (N x heads, S, hd), in parallel. Read in place, a
-/// head's value rows lay heads x hd x 4 bytes apart (3 KiB for SigLIP-B), and the 64 rows a
-/// piece of the value product reuses fell into a quarter of L1's sets.
-fn head_major(v: &[f32], (n, heads, s, hd): (usize, usize, usize, usize)) -> Vec<f32> {
-    let d = heads * hd;
+/// The values `v` (rows of (N, S) `ld` apart, heads x hd of them used) as (N x heads, S, hd),
+/// in parallel. Read in place, a head's value rows lay `ld` x 4 bytes apart (9 KiB for
+/// SigLIP-B), and the 64 rows a piece of the value product reuses fell into a few of L1's sets.
+fn head_major(v: &[f32], ld: usize, (n, heads, s, hd): (usize, usize, usize, usize)) -> Vec<f32> {
     let mut out = vec![0f32; n * heads * s * hd];
     super::par::for_each_chunk_mut(&mut out, s * hd, |nh, out| {
         let (b, h) = (nh / heads, nh % heads);
         for (j, row) in out.chunks_exact_mut(hd).enumerate() {
-            let at = (b * s + j) * d + h * hd;
+            let at = (b * s + j) * ld + h * hd;
             row.copy_from_slice(&v[at..at + hd]);
         }
     });
@@ -280,7 +271,8 @@ mod tests {
                 .matmul(&split(&v)?)?
                 .transpose(1, 2)?
                 .reshape((n, s, heads * hd))?;
-            let got = attention(&q, &k, &v, heads, scale as f32)?.expect("applies");
+            let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
+            let got = attention(&qkv, heads, scale as f32)?.expect("applies");
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "({n}, {heads}, {s}, {hd}): {diff}");
         }
@@ -289,8 +281,8 @@ mod tests {
 
     #[test]
     fn declines_other_dtypes() -> Result<()> {
-        let t = Tensor::zeros((1, 4, 8), DType::F16, &Device::Cpu)?;
-        assert!(attention(&t, &t, &t, 2, 1.0)?.is_none());
+        let t = Tensor::zeros((1, 4, 24), DType::F16, &Device::Cpu)?;
+        assert!(attention(&t, 2, 1.0)?.is_none());
         Ok(())
     }
 }

@@ -173,17 +173,36 @@ impl EncoderLinear {
     /// Loads `weight` (out, in) and `bias` (out,) under `vb`.
     pub fn load(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
         let l = candle_nn::linear(input, output, vb)?;
-        let (weight, bias) = (l.weight(), l.bias().cloned());
+        Self::new(l.weight().clone(), l.bias().cloned())
+    }
+
+    /// From `weight` (out, in) and `bias` (out,).
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let columns = weight.device().is_cpu() && weight.dtype() == DType::F32;
         let weight = match columns {
             true => weight.t()?.contiguous()?,
-            false => weight.clone(),
+            false => weight,
         };
         Ok(Self {
             weight,
             columns,
             bias,
         })
+    }
+}
+
+impl EncoderLinear {
+    /// Loads the projections `parts` ((out, name) under `vb`, each with a bias) as one, their
+    /// outputs side by side in `parts`' order: (..., input) -> (..., sum of outs).
+    pub fn load_stacked(input: usize, parts: &[(usize, &str)], vb: &VarBuilder) -> Result<Self> {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for &(output, name) in parts {
+            let l = candle_nn::linear(input, output, vb.pp(name))?;
+            weights.push(l.weight().clone());
+            biases.extend(l.bias().cloned());
+        }
+        Self::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?))
     }
 }
 

@@ -17,9 +17,8 @@ const SCORES_BYTES: usize = 16 << 20;
 
 #[derive(Debug)]
 struct VisionAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q_proj, k_proj and v_proj stacked: (N, S, D) -> (N, S, 3 D).
+    qkv: Linear,
     out: Linear,
     heads: usize,
     head_dim: usize,
@@ -29,9 +28,7 @@ impl VisionAttention {
     fn load(shape: &EncoderShape, vb: VarBuilder) -> Result<Self> {
         let d = shape.hidden;
         Ok(Self {
-            q: Linear::load(d, d, vb.pp("q_proj"))?,
-            k: Linear::load(d, d, vb.pp("k_proj"))?,
-            v: Linear::load(d, d, vb.pp("v_proj"))?,
+            qkv: Linear::load_stacked(d, &[(d, "q_proj"), (d, "k_proj"), (d, "v_proj")], &vb)?,
             out: Linear::load(d, d, vb.pp("out_proj"))?,
             heads: shape.heads,
             head_dim: shape.head_dim,
@@ -51,17 +48,16 @@ impl VisionAttention {
         // Scaling the queries rather than the (S x S) scores: S / head_dim times less work,
         // the same product up to one rounding.
         let scale = (self.head_dim as f64).powf(-0.5);
-        let (q, k, v) = (
-            self.q.forward(xs)?,
-            self.k.forward(xs)?,
-            self.v.forward(xs)?,
-        );
+        // (N, S, 3 D)
+        let qkv = self.qkv.forward(xs)?;
         if mask.is_none() {
-            let fused = super::encoder_attention::attention(&q, &k, &v, self.heads, scale as f32);
+            let fused = super::encoder_attention::attention(&qkv, self.heads, scale as f32);
             if let Some(ctx) = fused? {
                 return self.out.forward(&ctx);
             }
         }
+        let part = |i: usize| qkv.narrow(2, i * d, d);
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let (q, k, v) = (split((q * scale)?)?, split(k)?, split(v)?);
         // A few heads at a time keep the (N, heads, S, S) scores small: 48 MiB for one
         // 1024-patch tile with 12 heads would be mapped fresh (and page-faulted) by every layer.
