@@ -1,5 +1,6 @@
 //! The Q8_0 panel product (`super`) in AVX-512 VNNI: one panel of 16 weight rows against the
-//! input rows, up to 4 input rows per pass over the panel (each line loaded once per pass).
+//! input rows, up to 4 input rows per pass over the panel (each line loaded once per pass), the
+//! lines of a panel further on asked for on the way.
 
 use std::arch::x86_64::*;
 
@@ -9,6 +10,13 @@ use super::{Line, Rows, BLOCK, GROUPS};
 
 /// Input rows per pass over a panel.
 const ROWS: usize = 4;
+
+/// Panels ahead whose lines a pass asks for (into L2) as it reads its own. A thread reads its
+/// panels as one sequential stream; on this machine one stream reads slower than several (the
+/// f32 kernel found the same, `small_m.rs`). Batch-1 q8_0 TPOT in the server, 4 alternations:
+/// 7.1-8.8 ms with 3 panels ahead against 7.8-11.8 ms without; 1, 2 and 4 panels ahead were in
+/// between.
+const AHEAD: usize = 3;
 
 /// Writes input row `i` · the panel's weight row `r` to `out[i * ldo + r]` for `i < m`, `r < valid`.
 ///
@@ -72,7 +80,14 @@ unsafe fn pass<const R: usize>(
     let d: [&[f32]; R] = std::array::from_fn(|r| &rows.d[(i + r) * blocks..][..blocks]);
     let start: [&[i32]; R] = std::array::from_fn(|r| &rows.start[(i + r) * blocks..][..blocks]);
     let mut acc = [_mm512_setzero_ps(); R];
+    // The same block AHEAD panels on: a second stream of reads ahead of the one this pass
+    // makes (past the matrix's end the prefetch is dropped; no fault, nothing read).
+    let ahead = AHEAD * blocks * GROUPS;
     for b in 0..blocks {
+        let far = p.lines.wrapping_add(b * GROUPS + ahead).cast::<i8>();
+        for g in 0..GROUPS {
+            _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(g * 64));
+        }
         let mut even: [__m512i; R] = std::array::from_fn(|r| _mm512_set1_epi32(start[r][b]));
         let mut odd = [_mm512_setzero_si512(); R];
         let line = p.lines.add(b * GROUPS);
