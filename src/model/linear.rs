@@ -189,9 +189,7 @@ impl EncoderLinear {
             bias,
         })
     }
-}
 
-impl EncoderLinear {
     /// Loads the projections `parts` ((out, name) under `vb`, each with a bias) as one, their
     /// outputs side by side in `parts`' order: (..., input) -> (..., sum of outs).
     pub fn load_stacked(input: usize, parts: &[(usize, &str)], vb: &VarBuilder) -> Result<Self> {
