@@ -248,10 +248,16 @@ unsafe fn transposed(
     );
     // SAFETY: the product wrote all rows x cols places (`read_dst` false: none was read).
     t.set_len(rows * cols);
-    for i in 0..rows {
-        let o = out.add(i * ldo);
-        for (j, &v) in t[i..].iter().step_by(rows).enumerate() {
-            *o.add(j) += v;
+    // Added in strips of 16 columns: a strip reads its 16 columns of `t` as 16 sequential
+    // streams and writes one line of each output row. Walking `t` with a stride of `rows` per
+    // output row instead took 6.9% of a text prefill's samples.
+    for j0 in (0..cols).step_by(16) {
+        let strip = &t[j0 * rows..(j0 + 16).min(cols) * rows];
+        for i in 0..rows {
+            let o = out.add(i * ldo + j0);
+            for (j, col) in strip.chunks_exact(rows).enumerate() {
+                *o.add(j) += col[i];
+            }
         }
     }
 }
