@@ -12,17 +12,23 @@
 //! freed into those arenas came back to the system only in part, and the server's RSS grew by
 //! ~230 MB over `bench/run.sh`'s load (3101 -> 3331 MB, +7%); with 2 arenas it grew by 3 MB,
 //! at the same throughput within the run-to-run noise (bench/README.md, "Memory").
+//!
+//! All threads now share the one main arena. A second arena is built of 64 MiB heaps mapped on
+//! demand, and glibc unmaps such a heap as soon as it is empty, so the image preprocessing and
+//! the encoder's temporaries that landed there were faulted in afresh by every request: a
+//! one-image request took 12,400 to 14,900 page faults (~2 us each here) back to back, 100 to
+//! 200 with one arena.
 
 /// Fixes glibc's thresholds: allocations up to 32 MiB come from the heap, up to 128 MiB of
-/// free heap top is kept for the next step rather than returned, and all threads share 2
-/// arenas. Call once, before threads start (from `main`).
+/// free heap top is kept for the next step rather than returned, and all threads share one
+/// arena. Call once, before threads start (from `main`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_large_allocations() {
     // SAFETY: mallopt only sets allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
