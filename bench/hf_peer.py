@@ -72,6 +72,16 @@ def run_once(model, processor, kind, batch, start, base_image, max_tokens):
             "prompt_tokens": int(inputs["input_ids"].shape[1])}
 
 
+def load_peer(model_dir, image, threads=None, device="cpu", dtype="float32"):
+    """(model, processor, base image) for `run_once`, torch on `threads` threads (default: every
+    core)."""
+    torch.set_num_threads(threads or os.cpu_count())
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    return model, processor, Image.open(image).convert("RGB")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model_dir")
@@ -84,12 +94,7 @@ def main():
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 on a GPU")
     p.add_argument("--json")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model_dir)
-    processor.tokenizer.padding_side = "left"
-    base_image = Image.open(args.image).convert("RGB")
+    model, processor, base_image = load_peer(args.model_dir, args.image, args.threads, args.device, args.dtype)
     runs, n = [], 0
     for kind in args.kinds.split(","):
         run_once(model, processor, kind, 1, 10**6, base_image, 2)  # warm-up

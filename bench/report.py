@@ -105,8 +105,16 @@ def main():
 
 
 def pairs(run, model):
-    """Each alternating batch-1 pair, in order, as {"text": (mmserve TPOT ms, transformers TPOT
-    ms), "image": (mmserve TTFT s, transformers TTFT s)}, a kind only where both sides ran it."""
+    """The batch-1 comparisons made in turn, as (how, [{"text": (mmserve TPOT ms, transformers
+    TPOT ms)} or {"image": (mmserve TTFT s, transformers TTFT s)}, ...]): bench/alternate.py's
+    rounds, one request each, or in older runs the alternating pairs of whole runs."""
+    alt = run / f"alternate-{model}.json"
+    if alt.exists():
+        out = []
+        for r in load(alt)["rounds"]:
+            key = "tpot_ms" if r["kind"] == "text" else "ttft_s"
+            out.append({r["kind"]: (r["mmserve"][key], r["transformers"][key])})
+        return "rounds of one request each in turn", out
     out, i = [], 1
     while (run / f"pair{i}-mmserve-{model}.json").exists() and (run / f"pair{i}-hf-{model}.json").exists():
         mm = load(run / f"pair{i}-mmserve-{model}.json")["levels"]
@@ -118,10 +126,10 @@ def pairs(run, model):
                 pair[kind] = (a[ours], b[theirs])
         out.append(pair)
         i += 1
-    return out
+    return "alternating pairs", out
 
 
-def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, paired=()):
+def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, paired=("", ())):
     lv = {(x["kind"], x["concurrency"]): x for x in ms["levels"]}
     t1, t16 = lv.get(("text", 1)), lv.get(("text", 16))
     i1, i4 = lv.get(("image", 1)), lv.get(("image", 4))
@@ -140,11 +148,13 @@ def targets(ms, hf, bound, wbytes, tile_gflop, enc_rate, paired=()):
             row("batch-1 text decode vs transformers", f"{dec / (1000 / h1['tpot_ms']):.2f}×", "≥ 2×")
     def paired_row(kind, ratio, shown, name, goal):
         """A row of the alternating pairs of `kind`: the median `ratio(ours, theirs)`, then each."""
-        both = [p[kind] for p in paired if kind in p]
+        how, rounds = paired
+        both = [p[kind] for p in rounds if kind in p]
         if both:
             ratios = sorted(ratio(a, b) for a, b in both)
-            row(f"{name}, {len(both)} alternating pairs (median; each: mmserve vs transformers)",
-                f"{ratios[len(ratios) // 2]:.2f}: " + ", ".join(shown(a, b) for a, b in both), goal)
+            median = (ratios[(len(ratios) - 1) // 2] + ratios[len(ratios) // 2]) / 2
+            row(f"{name}, {len(both)} {how} (median; each: mmserve vs transformers)",
+                f"{median:.2f}: " + ", ".join(shown(a, b) for a, b in both), goal)
 
     paired_row("text", lambda m, h: h / m, lambda m, h: f"{h / m:.2f}× ({m:.1f} vs {h:.1f} ms TPOT)",
                "batch-1 text decode vs transformers (×)", "≥ 2×")

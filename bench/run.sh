@@ -6,18 +6,19 @@
 # Builds mmserve and the probe (release), makes the random-weight models if missing, then, in
 # this order on a machine as quiet as possible: the candle probe (bandwidth, matmul), mmserve
 # under bench/loadgen.py (text and image, concurrency 1, 4, 16; a repeated image; a repeated
-# system prompt), PAIRS alternating batch-1 runs (text, one image) of mmserve and
-# transformers, then transformers alone (bench/hf_peer.py, batch 1 and 8). Writes
+# system prompt), ROUNDS batch-1 requests of each kind (text, one image) sent to mmserve and
+# run through transformers in turn (bench/alternate.py), then transformers alone
+# (bench/hf_peer.py, batch 1 and 8). Writes
 # bench/out/<date>/ (the binaries measured, JSON per step, report.md) and prints the report.
 # Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
-# THREADS (default: every core), PORT (default 18700), PAIRS (alternating batch-1 pairs, default
-# 3), CARGO_TARGET_DIR.
+# THREADS (default: every core), PORT (default 18700), ROUNDS (batch-1 requests of each kind in
+# turn, default 8), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 threads=${THREADS:-$(nproc)}
 port=${PORT:-18700}
-pairs=${PAIRS:-3}
+rounds=${ROUNDS:-8}
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smolvlm-256m)
 target=${CARGO_TARGET_DIR:-target}
@@ -45,19 +46,15 @@ for m in "${models[@]}"; do
   start_mmserve "$out/mmserve-$m.log" --model "$dir" --served-model-name "$m"
   "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg --pid "$server" \
     --kinds text,image,repeat,prefix --json "$out/mmserve-$m.json"
-  # Batch-1 text decode and one-image TTFT against transformers in alternating pairs (the
-  # server idles, using no CPU, while transformers runs), so that both sides of each ratio
-  # meet the same load. Their requests and image markers (--first) are none the main run sent,
-  # so neither the image cache nor the prefix cache answers them.
-  for i in $(seq "$pairs"); do
-    echo "== pair $i of $pairs: mmserve, then transformers, batch 1, text and one image"
-    "$py" bench/loadgen.py "http://127.0.0.1:$port" "$m" --image bench/models/photo-512.jpg \
-      --kinds text,image --concurrency 1 --first $((1000 * i)) --json "$out/pair$i-mmserve-$m.json" \
-      | { grep "c=1" || true; }
-    "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" \
-      --kinds text,image --batches 1 --json "$out/pair$i-hf-$m.json" \
-      2> >(grep -v -e Warning -e 'Loading weights' >&2)
-  done
+  # Batch-1 text decode and one-image TTFT against transformers, one request each in turn
+  # (bench/alternate.py: the two sides of a round are seconds apart, so both meet the same
+  # load; the server idles, using no CPU, while transformers runs). Their prompts and image
+  # markers (--first) are none the main run sent, so neither the image cache nor the prefix
+  # cache answers them.
+  echo "== mmserve and transformers in turn, batch 1, text and one image, $rounds rounds each"
+  "$py" bench/alternate.py "http://127.0.0.1:$port" "$m" "$dir" --image bench/models/photo-512.jpg \
+    --threads "$threads" --rounds "$rounds" --first 20000 --json "$out/alternate-$m.json" \
+    2> >(grep -v -e Warning -e 'Loading weights' >&2)
   stop_mmserve
   echo "== transformers $m"
   "$py" bench/hf_peer.py "$dir" --image bench/models/photo-512.jpg --threads "$threads" --json "$out/hf-$m.json" \
