@@ -158,10 +158,20 @@ impl<'a> View<'a> {
 fn horizontal_pass(src: View, coeffs: &Coeffs, col0: usize) -> Vec<u8> {
     let n_out = coeffs.starts.len();
     let mut out = vec![0u8; src.rows * n_out * CHANNELS];
+    let pass = Horizontal { src, coeffs, col0 };
     for_rows(&mut out, n_out * CHANNELS, STRIP, |y, strip| {
-        simd::horizontal_strip(src, y, coeffs, col0, strip)
+        simd::horizontal_strip(&pass, y, strip)
     });
     out
+}
+
+/// A horizontal pass's input and weights: `coeffs` give the output columns, their source
+/// column indices starting at `col0` in `src`.
+#[derive(Clone, Copy)]
+struct Horizontal<'a> {
+    src: View<'a>,
+    coeffs: &'a Coeffs,
+    col0: usize,
 }
 
 /// Rows the horizontal pass computes together, one per lane of its sums.
@@ -197,7 +207,7 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 /// build with overflow checks on a request's pixels. Integer sums are exact (and wrapping ones
 /// exact modulo 2^32), so the order of the additions does not matter.
 mod simd {
-    use super::{clip8, Coeffs, View, CHANNELS, HALF, STRIP};
+    use super::{clip8, Horizontal, CHANNELS, HALF, STRIP};
 
     /// `acc[j] += row[j] * k` for every `j`.
     pub(super) fn add_scaled(acc: &mut [i32], row: &[u8], k: i32) {
@@ -237,52 +247,35 @@ mod simd {
     /// output pixel `i` is the sum of input pixels `start_i - col0 ..` times its taps, channel
     /// by channel. The strip is transposed first, so that one byte of every row lies side by
     /// side and the sums of all rows are one vector; a row's sums are those it would have alone.
-    pub(super) fn horizontal_strip(
-        src: View,
-        y: usize,
-        coeffs: &Coeffs,
-        col0: usize,
-        out: &mut [u8],
-    ) {
+    pub(super) fn horizontal_strip(pass: &Horizontal, y: usize, out: &mut [u8]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512bw") {
             // SAFETY: the features were detected just above.
-            return unsafe { horizontal_strip_avx512(src, y, coeffs, col0, out) };
+            return unsafe { horizontal_strip_avx512(pass, y, out) };
         } else if is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { horizontal_strip_avx2(src, y, coeffs, col0, out) };
+            return unsafe { horizontal_strip_avx2(pass, y, out) };
         }
-        horizontal_strip_plain(src, y, coeffs, col0, out)
+        horizontal_strip_plain(pass, y, out)
     }
 
     /// The same loops, the sums of a strip one 16-lane vector.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn horizontal_strip_avx512(
-        src: View,
-        y: usize,
-        coeffs: &Coeffs,
-        col0: usize,
-        out: &mut [u8],
-    ) {
-        horizontal_strip_plain(src, y, coeffs, col0, out)
+    unsafe fn horizontal_strip_avx512(pass: &Horizontal, y: usize, out: &mut [u8]) {
+        horizontal_strip_plain(pass, y, out)
     }
 
     /// The same loops, two 8-lane vectors.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn horizontal_strip_avx2(
-        src: View,
-        y: usize,
-        coeffs: &Coeffs,
-        col0: usize,
-        out: &mut [u8],
-    ) {
-        horizontal_strip_plain(src, y, coeffs, col0, out)
+    unsafe fn horizontal_strip_avx2(pass: &Horizontal, y: usize, out: &mut [u8]) {
+        horizontal_strip_plain(pass, y, out)
     }
 
     #[inline(always)]
-    fn horizontal_strip_plain(src: View, y: usize, coeffs: &Coeffs, col0: usize, out: &mut [u8]) {
+    fn horizontal_strip_plain(pass: &Horizontal, y: usize, out: &mut [u8]) {
+        let Horizontal { src, coeffs, col0 } = *pass;
         let row_len = coeffs.starts.len() * CHANNELS;
         let rows = out.len() / row_len.max(1);
         // (width * 3, STRIP): byte x of row r at x * STRIP + r; rows past `rows` stay zero.
