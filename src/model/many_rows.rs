@@ -166,18 +166,6 @@ fn product(
         let (g, part) = (item / parts, item % parts);
         let (first, end) = (part * n / parts, (part + 1) * n / parts);
         let row = g * group;
-        for r in row..row + group {
-            // SAFETY: as below; these are the item's own places.
-            unsafe {
-                let at = dst.ptr().add(r * n + first);
-                match bias {
-                    Some(b) => {
-                        std::ptr::copy_nonoverlapping(b[first..end].as_ptr(), at, end - first)
-                    }
-                    None => std::ptr::write_bytes(at, 0, end - first),
-                }
-            }
-        }
         // W^T's columns first..end, (k, end - first): from (n, k) its rows first..end with
         // strides (1, k), from (k, n) at `first` with strides (n, 1).
         let (rhs, rhs_cs, rhs_rs) = match columns {
@@ -193,8 +181,21 @@ fn product(
                     group,
                     dst.ptr().add(row * n + first),
                     (end - first, n),
+                    bias.map(|b| &b[first..end]),
                 )
             };
+        }
+        for r in row..row + group {
+            // SAFETY: as below; these are the item's own places.
+            unsafe {
+                let at = dst.ptr().add(r * n + first);
+                match bias {
+                    Some(b) => {
+                        std::ptr::copy_nonoverlapping(b[first..end].as_ptr(), at, end - first)
+                    }
+                    None => std::ptr::write_bytes(at, 0, end - first),
+                }
+            }
         }
         // SAFETY: rows row..row + group, columns first..end of the (m, n) output are this
         // item's alone and lie in it; x holds (m, k) and w n x k values, read as above;
@@ -221,7 +222,8 @@ fn product(
 const TRANSPOSED_BELOW: usize = 128;
 
 /// The product of `rows` input rows at `x` (stride k) with the weight rows at `w` (`cols` of
-/// them, stride k), added to the `rows` x `cols` block at `out` (row stride `ldo`), computed
+/// them, stride k), plus `bias` (`cols` values) if any, written to the `rows` x `cols` block at
+/// `out` (row stride `ldo`, uninitialised before), computed
 /// as its transpose: `gemm` then broadcasts the weights straight from their rows and packs
 /// only the few input rows, where the row-major product has it pack the weight one element
 /// at a time (the transposed copy its kernel wants), a pass that costs as much as a product
@@ -234,6 +236,7 @@ unsafe fn transposed(
     rows: usize,
     out: *mut f32,
     (cols, ldo): (usize, usize),
+    bias: Option<&[f32]>,
 ) {
     // (cols, rows), column-major: element (i, j) at j * rows + i. Left uninitialised, as
     // `gemm` without `read_dst` writes every place: a text prefill's `memset` samples went
@@ -248,15 +251,17 @@ unsafe fn transposed(
     );
     // SAFETY: the product wrote all rows x cols places (`read_dst` false: none was read).
     t.set_len(rows * cols);
-    // Added in strips of 16 columns: a strip reads its 16 columns of `t` as 16 sequential
+    // Written in strips of 16 columns: a strip reads its 16 columns of `t` as 16 sequential
     // streams and writes one line of each output row. Walking `t` with a stride of `rows` per
-    // output row instead took 6.9% of a text prefill's samples.
+    // output row instead took 6.9% of a text prefill's samples. The bias is added here, not
+    // filled in first (a pass over the output, and `memset` without one).
     for j0 in (0..cols).step_by(16) {
         let strip = &t[j0 * rows..(j0 + 16).min(cols) * rows];
         for i in 0..rows {
             let o = out.add(i * ldo + j0);
             for (j, col) in strip.chunks_exact(rows).enumerate() {
-                *o.add(j) += col[i];
+                let start = bias.map_or(0.0, |b| b[j0 + j]);
+                o.add(j).write(start + col[i]);
             }
         }
     }
