@@ -69,6 +69,13 @@ fn main() -> Result<()> {
                     .ok_or_else(|| candle_core::Error::Msg("many-rows path does not apply".into()))
             },
         )?;
+        if mmserve::model::bf16x3::available() {
+            let w: Vec<f32> = l.weight().flatten_all()?.to_vec1()?;
+            let packed = mmserve::model::bf16x3::Packed::new(&w, o, i)?;
+            time("  the same, bf16x3 on AMX tiles", linear_flop(i, o), || {
+                mmserve::model::bf16x3::matmul_t(&input.squeeze(0)?, &packed, l.bias())
+            })?;
+        }
     }
     // (1, heads, S, hd) each; heads taken 4 at a time as src/model/vision.rs does.
     let qkv = || Tensor::randn(0f32, 1.0, (1, heads, s, hd), &dev);

@@ -1,14 +1,16 @@
 //! `quantize` through HTTP against the tiny fixture models and transformers' goldens: Q8_0
 //! keeps greedy output wherever the golden's top-1/top-2 margin is above the quantization
 //! error, with logprobs within that error; K-quants, whose 256-wide blocks do not fit the
-//! fixtures' 64- and 128-wide projections, leave every layer dense and change nothing.
+//! fixtures' 64- and 128-wide projections, leave every layer dense and change nothing. The
+//! vision tower's bf16x3 products (`vision_matmul_precision = "high"`) are checked the same
+//! way, with their own bound.
 
 mod common;
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use mmserve::config::Quantize;
+use mmserve::config::{MatmulPrecision, Quantize};
 use mmserve::text::TokenTable;
 use serde_json::json;
 use tokenizers::Tokenizer;
@@ -31,6 +33,12 @@ const Q8_0_BOUND: f64 = 2.0 * Q8_0_LOGIT_ERROR;
 /// Dense f32 against transformers: the model reference tests hold logits to 1e-4, so logprobs
 /// to 2e-4; plus the JSON's f32 rounding of the logprob.
 const DENSE_LOGPROB_ERROR: f64 = 3e-4;
+
+/// Largest logit error of the vision tower's bf16x3 products on the fixtures: each product term
+/// within about 1e-5 of its f32 value; `tests/idefics3_reference.rs` measured logit errors up
+/// to 1.5e-4 and bounds them at 1e-3, which is used here too.
+const BF16X3_LOGIT_ERROR: f64 = 1e-3;
+const BF16X3_BOUND: f64 = 2.0 * BF16X3_LOGIT_ERROR + DENSE_LOGPROB_ERROR;
 
 /// A server for `models`, each quantized to `q`.
 fn quantized_server(models: &[&str], q: Quantize) -> String {
@@ -74,6 +82,8 @@ struct Checked {
     skipped: usize,
     /// Largest |logprob - golden logprob| over the checked steps.
     worst: f64,
+    /// The logprobs of the checked steps, in order.
+    logprobs: Vec<f64>,
 }
 
 /// Runs every served case of `model` on `base` with logprobs and compares each greedy step
@@ -136,6 +146,7 @@ async fn check_model(base: &str, model: &str, margin: f64, tolerance: f64) -> Ch
                     "{model}/{name} step {i}: logprob off by {diff}"
                 );
                 out.worst = out.worst.max(diff);
+                out.logprobs.push(lp);
             }
         }
     }
@@ -171,5 +182,36 @@ async fn k_quants_leave_small_layers_dense_and_exact() {
         let c = check_model(&base, model, 0.0, DENSE_LOGPROB_ERROR).await;
         assert_eq!(c.skipped, 0, "{model}: every step matches");
         assert!(c.steps >= 100, "{model}: {} steps", c.steps);
+    }
+}
+
+/// `vision_matmul_precision = "high"`: the image fixtures' answers stay transformers' within
+/// the bf16x3 bound, and differ from the f32 server's (the setting reached the tower), where
+/// the CPU has AMX-BF16. Qwen2-VL's tower keeps f32 products.
+#[tokio::test]
+async fn vision_bf16x3_keeps_greedy_output_within_its_bound() {
+    let models = ["llava-clip-llama", "llava-siglip-qwen2"];
+    let mut cfg = common::config(&models);
+    cfg.models
+        .iter_mut()
+        .for_each(|m| m.vision_matmul_precision = MatmulPrecision::High);
+    let (high, exact) = (common::start(cfg), common::start(common::config(&models)));
+    for model in models {
+        let c = check_model(&high, model, BF16X3_BOUND, BF16X3_BOUND).await;
+        let f32s = check_model(&exact, model, 0.0, DENSE_LOGPROB_ERROR).await;
+        eprintln!(
+            "{model}: {} steps matched, {} skipped, worst logprob error {:.2e} (f32: {:.2e})",
+            c.steps, c.skipped, c.worst, f32s.worst
+        );
+        assert!(
+            3 * c.steps >= c.steps + c.skipped,
+            "{model}: {} steps",
+            c.steps
+        );
+        if mmserve::model::bf16x3::available() {
+            assert_ne!(c.logprobs, f32s.logprobs, "{model}: bf16x3 changed nothing");
+        } else {
+            eprintln!("no AMX-BF16 here: both servers computed in f32");
+        }
     }
 }

@@ -121,6 +121,16 @@ impl ChatModel {
         }
     }
 
+    /// Runs the vision tower's projections as the bf16x3 product (`model::bf16x3`) where the
+    /// machine has it: how many do. Qwen2-VL's tower keeps f32 products.
+    pub fn use_bf16x3(&mut self) -> Result<usize, ModelError> {
+        match self {
+            ChatModel::Llava(m) => m.use_bf16x3(),
+            ChatModel::Qwen2Vl(_) => Ok(0),
+            ChatModel::Idefics3(m) => m.use_bf16x3(),
+        }
+    }
+
     pub fn image_token_id(&self) -> u32 {
         match self {
             ChatModel::Llava(m) => m.image_token_id(),

@@ -167,6 +167,8 @@ pub struct EncoderLinear {
     weight: Tensor,
     columns: bool,
     bias: Option<Tensor>,
+    /// The weight packed for the bf16x3 product (`use_bf16x3`); `weight` is then empty.
+    packed: Option<super::bf16x3::Packed>,
 }
 
 impl EncoderLinear {
@@ -187,7 +189,21 @@ impl EncoderLinear {
             weight,
             columns,
             bias,
+            packed: None,
         })
+    }
+
+    /// Runs this projection as the bf16x3 product (`bf16x3`) from now on, when it is f32 on
+    /// the CPU and the machine has AMX: returns whether it does. The f32 weight is dropped.
+    pub fn use_bf16x3(&mut self) -> Result<bool> {
+        if !self.columns || self.packed.is_some() || !super::bf16x3::available() {
+            return Ok(self.packed.is_some());
+        }
+        let (k, n) = self.weight.dims2()?;
+        let w: Vec<f32> = self.weight.flatten_all()?.to_vec1()?;
+        self.packed = Some(super::bf16x3::Packed::from_columns(&w, k, n)?);
+        self.weight = Tensor::zeros(0, DType::F32, self.weight.device())?;
+        Ok(true)
     }
 
     /// Loads the projections `parts` ((out, name) under `vb`, each with a bias) as one, their
@@ -211,6 +227,10 @@ impl Module for EncoderLinear {
             candle_core::bail!("encoder projection of a scalar")
         };
         let x = xs.reshape(((), input))?;
+        if let Some(p) = &self.packed {
+            let ys = super::bf16x3::matmul_t(&x.to_dtype(DType::F32)?, p, self.bias.as_ref())?;
+            return unflatten(ys, lead)?.to_dtype(xs.dtype());
+        }
         let (w, bias) = (&self.weight, self.bias.as_ref());
         let weight = match self.columns {
             true => super::many_rows::Weight::Columns(w),

@@ -116,6 +116,12 @@ impl LlavaModel {
         Ok(self.text.quantize(dtype)?)
     }
 
+    /// Runs the vision tower's projections as the bf16x3 product (`model::bf16x3`) where the
+    /// machine has it: how many do.
+    pub fn use_bf16x3(&mut self) -> Result<usize, ModelError> {
+        Ok(self.vision.use_bf16x3()?)
+    }
+
     /// Longest sequence (prompt + generated) the decoder was configured for
     /// (`max_position_embeddings`); positions past it are not refused here.
     pub fn max_context(&self) -> usize {

@@ -16,6 +16,7 @@
 mod activation;
 mod attention;
 mod batch;
+pub mod bf16x3;
 mod block_pool;
 mod blocks;
 mod config;

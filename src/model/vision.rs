@@ -130,6 +130,21 @@ impl EncoderLayer {
         })
     }
 
+    /// Runs the layer's projections as the bf16x3 product where the machine has it
+    /// (`EncoderLinear::use_bf16x3`): how many do.
+    pub(crate) fn use_bf16x3(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for l in [
+            &mut self.attn.qkv,
+            &mut self.attn.out,
+            &mut self.fc1,
+            &mut self.fc2,
+        ] {
+            n += usize::from(l.use_bf16x3()?);
+        }
+        Ok(n)
+    }
+
     /// (N, S, D) -> (N, S, D); `mask` as in [`VisionAttention::forward`].
     pub(crate) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
@@ -160,6 +175,12 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
+    /// Runs the encoder layers' projections as the bf16x3 product where the machine has it:
+    /// how many do.
+    pub fn use_bf16x3(&mut self) -> Result<usize> {
+        self.layers.iter_mut().map(EncoderLayer::use_bf16x3).sum()
+    }
+
     /// `feature_layers` as in `vision_feature_layer` (negative counts from the end).
     pub fn load(cfg: &VisionConfig, feature_layers: &[i64], vb: VarBuilder) -> Result<Self> {
         let total = cfg.num_hidden_layers as i64 + 1;

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 use super::device::{self, OpenDevice};
 use super::read_json;
 use crate::api::ChatServing;
-use crate::config::{Config, ModelConfig, Quantize};
+use crate::config::{Config, MatmulPrecision, ModelConfig, Quantize};
 use crate::engine::image_cache::ImageCache;
 use crate::engine::{
     EngineCore, EngineHandle, EngineParts, EnginePool, PoolMember, SchedulerConfig,
@@ -148,6 +148,9 @@ fn load_on(cfg: &Config, m: &ModelConfig, d: OpenDevice) -> Result<OnDevice> {
     if let Some(q) = m.quantize {
         quantize(&mut model, q, &m.served_name())?;
     }
+    if m.vision_matmul_precision == MatmulPrecision::High && d.device.is_cpu() {
+        vision_bf16x3(&mut model, &m.served_name())?;
+    }
     let cache = model
         .new_cache(&KvCacheConfig {
             block_size: cfg.engine.block_size,
@@ -188,6 +191,23 @@ fn quantize(model: &mut ChatModel, q: Quantize, name: &str) -> Result<()> {
             block = q.ggml().block_size(),
             "projections whose input size is not a multiple of the block stay dense"
         );
+    }
+    Ok(())
+}
+
+/// Runs the vision tower's products as bf16x3 and says once how many do.
+fn vision_bf16x3(model: &mut ChatModel, name: &str) -> Result<()> {
+    let n = model
+        .use_bf16x3()
+        .with_context(|| format!("cannot repack `{name}`'s vision tower for bf16x3"))?;
+    match n {
+        0 => tracing::warn!(
+            model = %name,
+            "vision_matmul_precision = high: no AMX-BF16 here (or not an f32 CLIP/SigLIP tower), products stay f32"
+        ),
+        n => {
+            tracing::info!(model = %name, projections = n, "vision tower products run as bf16x3 on AMX tiles")
+        }
     }
     Ok(())
 }

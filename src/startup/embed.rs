@@ -23,6 +23,9 @@ pub fn load(cfg: &Config, m: &ModelConfig) -> Result<(EmbedServing, Vec<JoinHand
     let tokenizer = Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
     let processor = read_image_processor(dir, ImageProcessor::from_json_str)?;
+    if m.vision_matmul_precision != crate::config::MatmulPrecision::Highest {
+        tracing::warn!(model = %m.served_name(), "vision_matmul_precision applies to chat models only: this embedding model computes in f32");
+    }
     if let Some(q) = m.quantize {
         tracing::warn!(model = %m.served_name(), quantize = ?q, "quantization applies to chat models only: this embedding model stays as loaded");
     }

@@ -144,6 +144,12 @@ impl Idefics3Model {
         Ok(self.text.quantize(dtype)?)
     }
 
+    /// Runs the vision tower's projections as the bf16x3 product (`model::bf16x3`) where the
+    /// machine has it: how many do.
+    pub fn use_bf16x3(&mut self) -> Result<usize, ModelError> {
+        Ok(self.vision.use_bf16x3()?)
+    }
+
     /// `max_position_embeddings` of the decoder; positions past it are not refused here.
     pub fn max_context(&self) -> usize {
         self.config.text.max_position_embeddings

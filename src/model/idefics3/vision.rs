@@ -90,6 +90,12 @@ pub(crate) struct Idefics3Vision {
 }
 
 impl Idefics3Vision {
+    /// Runs the encoder layers' projections as the bf16x3 product where the machine has it:
+    /// how many do.
+    pub fn use_bf16x3(&mut self) -> Result<usize> {
+        self.layers.iter_mut().map(EncoderLayer::use_bf16x3).sum()
+    }
+
     pub fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let emb = vb.pp("embeddings");
