@@ -62,7 +62,8 @@ def main():
     run = Path(sys.argv[1])
     meta, probe = load(run / "meta.json"), load(run / "probe.json")
     lines = [f"Run {meta['date']} on {meta['machine']}; mmserve {meta['commit']}; threads {meta['threads']}; "
-             f"load average before {meta['load_before']}, after {meta['load_after']}.", ""]
+             f"load average before {meta['load_before']}, after {meta['load_after']}; "
+             f"vision_matmul_precision {meta.get('vision_matmul_precision', 'highest')}.", ""]
     mat = {(r["m"], r["k"], r["n"], r["dtype"]): r for r in probe["matmul"]}
     enc_rate = mat[(1024, 768, 3072, "f32")]["gflops"]
     fetching = (f", 2 MiB pages prefetched as one stream {probe['read_huge_fetching_gbs']:.1f}"

@@ -12,7 +12,8 @@
 # bench/out/<date>/ (the binaries measured, JSON per step, report.md) and prints the report.
 # Environment: PYTHON (a venv with torch, transformers, Pillow and httpx; default .venv/bin/python),
 # THREADS (default: every core), PORT (default 18700), ROUNDS (batch-1 requests of each kind in
-# turn, default 8), CARGO_TARGET_DIR.
+# turn, default 8), CARGO_TARGET_DIR; the server reads its own MMSERVE_* variables, e.g.
+# MMSERVE_VISION_MATMUL_PRECISION=high (recorded in the report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -62,7 +63,7 @@ for m in "${models[@]}"; do
 done
 
 "$py" - "$out/meta.json" "$load_before" "$(load)" "$threads" "$dirs" "${models[@]}" <<'EOF'
-import json, platform, subprocess, sys, datetime
+import json, os, platform, subprocess, sys, datetime
 path, before, after, threads, dirs, *models = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((int(l.split()[1]) // 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
@@ -70,6 +71,7 @@ commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=
 json.dump({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{cpu}, {subprocess.check_output(['nproc']).decode().strip()} cores, {mem} GiB, {platform.system()}",
            "commit": commit, "threads": int(threads), "load_before": before, "load_after": after,
+           "vision_matmul_precision": os.environ.get("MMSERVE_VISION_MATMUL_PRECISION", "highest"),
            "models": models, "model_dirs": json.loads(dirs)}, open(path, "w"), indent=2)
 EOF
 "$py" bench/report.py "$out" | tee "$out/report.md"
