@@ -33,27 +33,20 @@ pub fn available() -> bool {
     return false;
 }
 
-/// f32 rounded to the nearest bf16 (ties to even), as its bits.
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-fn bf16_value(h: u16) -> f32 {
-    f32::from_bits(u32::from(h) << 16)
-}
-
-/// `x` as hi + lo, both bf16.
+/// `x` as hi + lo, both bf16 (rounded to nearest, ties to even), as their bits.
 fn split(x: f32) -> (u16, u16) {
-    let hi = bf16_bits(x);
-    (hi, bf16_bits(x - bf16_value(hi)))
+    let hi = half::bf16::from_f32(x);
+    (
+        hi.to_bits(),
+        half::bf16::from_f32(x - hi.to_f32()).to_bits(),
+    )
 }
 
 /// `xs` (up to 32 values) split into the first places of `hi` and `lo` (32 each), the rest
-/// zero; 16 lanes at a time where AVX-512 is.
-fn split_into(xs: &[f32], hi: &mut [u16], lo: &mut [u16]) {
+/// zero; 16 lanes at a time when `simd` (AVX-512 is present: the caller asked once).
+fn split_into(xs: &[f32], hi: &mut [u16], lo: &mut [u16], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if xs.len() == 32 && is_x86_feature_detected!("avx512f") {
+    if xs.len() == 32 && simd {
         // SAFETY: AVX-512F is present; the three slices hold 32 values.
         unsafe { simd_split32(xs, hi, lo) };
         return;
@@ -65,7 +58,8 @@ fn split_into(xs: &[f32], hi: &mut [u16], lo: &mut [u16]) {
     }
 }
 
-/// [`split`] of 32 values, lane for lane the same bits.
+/// [`split`] of 32 values, lane for lane the same bits (for every value but NaN, which
+/// stays a NaN).
 ///
 /// SAFETY: AVX-512F is present; each slice holds 32 values.
 #[cfg(target_arch = "x86_64")]
@@ -138,11 +132,6 @@ impl Packed {
     fn k_blocks(&self) -> usize {
         self.k.div_ceil(32)
     }
-
-    /// (n, k) of `x @ W^T`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
 }
 
 /// `x` (m, k) as hi and lo in tiles: for each 16 rows (m rounded up to 32), a run of one
@@ -152,6 +141,7 @@ fn split_rows(x: &[f32], m: usize, k: usize) -> (Vec<u16>, Vec<u16>) {
     let len = tiles * blocks * TILE;
     let (mut hi, mut lo) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let (h, l) = (hi.as_mut_ptr() as usize, lo.as_mut_ptr() as usize);
+    let simd = super::encoder_attention::avx512();
     super::par::for_each_index(tiles, |tile| {
         // SAFETY: this tile's run is this item's alone; both buffers hold `len` places and
         // outlive the call.
@@ -165,7 +155,7 @@ fn split_rows(x: &[f32], m: usize, k: usize) -> (Vec<u16>, Vec<u16>) {
             for kb in 0..blocks {
                 let at = kb * TILE + i * 32;
                 let part = xs.get(kb * 32..xs.len().min(kb * 32 + 32)).unwrap_or(&[]);
-                split_into(part, &mut hs[at..at + 32], &mut ls[at..at + 32]);
+                split_into(part, &mut hs[at..at + 32], &mut ls[at..at + 32], simd);
             }
         }
     });
@@ -421,7 +411,12 @@ mod tests {
         xs[2] = -0.0;
         xs[3] = 1e-30;
         let (mut hi, mut lo) = ([0u16; 32], [0u16; 32]);
-        split_into(&xs, &mut hi, &mut lo);
+        split_into(
+            &xs,
+            &mut hi,
+            &mut lo,
+            crate::model::encoder_attention::avx512(),
+        );
         for (i, v) in xs.iter().enumerate() {
             assert_eq!((hi[i], lo[i]), split(*v), "value {i}: {v}");
         }

@@ -89,16 +89,21 @@ pub struct Operands {
 /// SAFETY: [`configure_thread`] ran on this thread; `bias` holds 32 f32.
 pub unsafe fn start_sums(bias: Option<*const f32>) {
     match bias {
-        Some(b) => asm!(
-            "tileloadd tmm0, [{b0} + {z} * 1]",
-            "tileloadd tmm1, [{b1} + {z} * 1]",
-            "tileloadd tmm2, [{b0} + {z} * 1]",
-            "tileloadd tmm3, [{b1} + {z} * 1]",
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(16),
-            z = in(reg) 0usize,
-            options(nostack, readonly)
-        ),
+        Some(b) => {
+            let [o0, o1, o2, o3] = corners(b.cast_mut(), 0);
+            asm!(
+                "tileloadd tmm0, [{o0} + {z} * 1]",
+                "tileloadd tmm1, [{o1} + {z} * 1]",
+                "tileloadd tmm2, [{o2} + {z} * 1]",
+                "tileloadd tmm3, [{o3} + {z} * 1]",
+                o0 = in(reg) o0,
+                o1 = in(reg) o1,
+                o2 = in(reg) o2,
+                o3 = in(reg) o3,
+                z = in(reg) 0usize,
+                options(nostack, readonly)
+            )
+        }
         None => asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -159,16 +164,24 @@ pub unsafe fn add_products(p: &Operands, k_blocks: usize) {
 /// SAFETY: [`configure_thread`] ran on this thread; the block's 32 rows of 32 f32 at `out` are
 /// the caller's to write.
 pub unsafe fn store_sums(out: *mut f32, stride: usize) {
+    let [o0, o1, o2, o3] = corners(out, stride);
     asm!(
         "tilestored [{o0} + {s} * 1], tmm0",
         "tilestored [{o1} + {s} * 1], tmm1",
         "tilestored [{o2} + {s} * 1], tmm2",
         "tilestored [{o3} + {s} * 1], tmm3",
-        o0 = in(reg) out,
-        o1 = in(reg) out.add(16),
-        o2 = in(reg) out.byte_add(16 * stride),
-        o3 = in(reg) out.byte_add(16 * stride).add(16),
+        o0 = in(reg) o0,
+        o1 = in(reg) o1,
+        o2 = in(reg) o2,
+        o3 = in(reg) o3,
         s = in(reg) stride,
         options(nostack)
     );
+}
+
+/// Where the four sums' tiles of a 32 x 32 block at `at` (rows `stride` bytes apart) begin:
+/// rows 0-15 and 16-31, each at columns 0 and 16, in `tmm0`-`tmm3` order.
+fn corners(at: *mut f32, stride: usize) -> [*mut f32; 4] {
+    let lower = at.wrapping_byte_add(16 * stride);
+    [at, at.wrapping_add(16), lower, lower.wrapping_add(16)]
 }
